@@ -1,0 +1,129 @@
+// Device-agnostic core of the magnitude select, shared by the CPU and CUDA
+// kernels so that the two cannot drift: the key transform, the radix digits,
+// the bucket search and the tie rule.
+//
+// Ordering. Every score maps to an unsigned key of its own width whose order
+// is the order of |score|, with NaN above +inf (as torch.topk orders NaN);
+// -0.0 and +0.0 share a key. In `largest` mode the key is mirrored so that the
+// largest |score| gets the smallest key. The select always prunes the k
+// smallest keys.
+//
+// Tie rule. All keys below the threshold key are pruned; of the keys equal to
+// it, the ones with the lowest row-major flat index are pruned first (for
+// several tensors: lower tensor position first, then lower flat index).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fastprune {
+
+template <typename scalar_t>
+struct KeyOf;
+template <>
+struct KeyOf<c10::Half> { using type = uint16_t; };
+template <>
+struct KeyOf<c10::BFloat16> { using type = uint16_t; };
+template <>
+struct KeyOf<float> { using type = uint32_t; };
+template <>
+struct KeyOf<double> { using type = uint64_t; };
+
+// Bits per radix digit and bins per histogram.
+constexpr int kDigitBits = 16;
+constexpr int64_t kBins = int64_t{1} << kDigitBits;
+
+template <typename key_t>
+constexpr int num_digits() {
+  return static_cast<int>(sizeof(key_t) * 8 / kDigitBits);
+}
+
+// The order-preserving key of |v| (mirrored when `largest`).
+template <typename scalar_t>
+C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
+    scalar_t v, bool largest) {
+  using key_t = typename KeyOf<scalar_t>::type;
+  constexpr key_t kAbs = static_cast<key_t>(~key_t{0} >> 1);
+  key_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  bits &= kAbs;
+  return largest ? static_cast<key_t>(kAbs - bits) : bits;
+}
+
+// Digit `d` of a key, counted from the most significant.
+template <typename key_t>
+C10_HOST_DEVICE inline uint32_t key_digit(key_t key, int d) {
+  const int shift = static_cast<int>(sizeof(key_t) * 8) - kDigitBits * (d + 1);
+  return static_cast<uint32_t>((key >> shift) & (kBins - 1));
+}
+
+// The bits of a key above digit `d` (those the earlier digits fixed).
+template <typename key_t>
+C10_HOST_DEVICE inline key_t prefix_mask(int d) {
+  const int bits = kDigitBits * d;
+  return bits == 0 ? key_t{0}
+                   : static_cast<key_t>(~key_t{0} << (sizeof(key_t) * 8 - bits));
+}
+
+// Where the rank-th smallest key (1-based) falls in a histogram: its bin, and
+// how many counted keys lie in lower bins.
+struct Bucket {
+  uint32_t bin;
+  int64_t below;
+};
+
+C10_HOST_DEVICE inline Bucket find_bucket(const int64_t* hist, int64_t rank) {
+  int64_t below = 0;
+  uint32_t bin = 0;
+  while (below + hist[bin] < rank) {
+    below += hist[bin];
+    ++bin;
+  }
+  return {bin, below};
+}
+
+// round(fraction * n) with ties to even, as Python's round() does; the product
+// is the same float64 product Python computes.
+C10_HOST_DEVICE inline int64_t round_half_even(double fraction, int64_t n) {
+  const double x = fraction * static_cast<double>(n);
+  const double f = floor(x);
+  const double diff = x - f;
+  int64_t r = static_cast<int64_t>(f);
+  if (diff > 0.5 || (diff == 0.5 && (r & 1))) {
+    ++r;
+  }
+  return r;
+}
+
+// Tie rule for one parallel chunk: of the `need` threshold-equal keys still to
+// prune, how many fall to a chunk that has `ties_here` of them after
+// `ties_before` in earlier chunks.
+C10_HOST_DEVICE inline int64_t tie_quota(
+    int64_t need, int64_t ties_before, int64_t ties_here) {
+  const int64_t left = need - ties_before;
+  return left <= 0 ? 0 : (left < ties_here ? left : ties_here);
+}
+
+// `v` if keep, else an exact +0 of its type; branch-free (a bit mask on the
+// raw representation), so unpredictable keep/prune patterns cost nothing.
+template <typename T>
+C10_HOST_DEVICE inline T keep_or_zero(T v, bool keep) {
+  using U = std::conditional_t<
+      sizeof(T) == 1, uint8_t,
+      std::conditional_t<sizeof(T) == 2, uint16_t,
+                         std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+  static_assert(sizeof(T) == sizeof(U), "keep_or_zero: unsupported mask type");
+  U bits;
+  memcpy(&bits, &v, sizeof(bits));
+  bits &= static_cast<U>(U{0} - static_cast<U>(keep));
+  memcpy(&v, &bits, sizeof(bits));
+  return v;
+}
+
+}  // namespace fastprune

@@ -1,0 +1,30 @@
+// fastprune._C: the one schema block of the fastprune namespace.
+//
+// Kernels live in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu and register
+// themselves with TORCH_LIBRARY_IMPL; fake (meta) kernels live in
+// python/fastprune/_meta.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A plain module init so that `import fastprune._C` loads this shared
+// library (and with it the registrations below) under the limited API.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastprune, m) {
+  // New mask for unstructured pruning by magnitude: a copy of `mask` (same
+  // dtype) in which exactly k candidates with the smallest |scores| (largest
+  // |scores| when `largest`) are set to 0. Candidates are all entries, or only
+  // those where mask == 1 when `only_ones`. k = count if count >= 0, else
+  // round-half-even(fraction * candidates). Ties at the threshold: the lower
+  // row-major flat index is pruned first. NaN ranks above +inf.
+  m.def(
+      "unstructured_mask(Tensor scores, Tensor mask, int count, float fraction, "
+      "bool only_ones, bool largest) -> Tensor");
+}

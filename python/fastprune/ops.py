@@ -1,0 +1,40 @@
+"""Typed, documented wrappers over the ``torch.ops.fastprune`` kernels."""
+from typing import Optional
+
+import torch
+
+
+def unstructured_mask(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    count: Optional[int] = None,
+    fraction: Optional[float] = None,
+    only_ones: bool = False,
+    largest: bool = False,
+) -> torch.Tensor:
+    """New unstructured mask: ``mask`` with exactly k candidates set to 0.
+
+    Args:
+        scores: floating-point importance scores (float16, bfloat16, float32,
+            float64), any strides.
+        mask: the current mask, same shape, any dtype and strides (a
+            broadcast ``expand`` of one value is read without materializing it).
+        count: prune exactly this many candidates. Give ``count`` or ``fraction``.
+        fraction: prune ``round(fraction * candidates)`` (ties to even, as
+            Python's ``round``).
+        only_ones: candidates are the entries where ``mask == 1`` instead of
+            all entries.
+        largest: prune the largest ``|scores|`` instead of the smallest.
+
+    Returns:
+        A new tensor with ``mask``'s dtype and memory format (the scores' format
+        when ``mask`` is a broadcast). Of the candidates, the k with the smallest
+        ``|scores|`` (NaN above inf) are 0; ties at the threshold are pruned in
+        increasing row-major flat index. Every other entry equals ``mask``.
+    """
+    if (count is None) == (fraction is None):
+        raise ValueError("unstructured_mask: give exactly one of count and fraction")
+    return torch.ops.fastprune.unstructured_mask(
+        scores, mask, -1 if count is None else int(count), 0.0 if fraction is None else float(fraction),
+        only_ones, largest)
