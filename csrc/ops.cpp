@@ -27,4 +27,10 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "unstructured_mask(Tensor scores, Tensor mask, int count, float fraction, "
       "bool only_ones, bool largest) -> Tensor");
+  // The same select over several tensors ranked as one concatenation (in list
+  // order, which also orders ties), without concatenating: one new mask per
+  // tensor. All scores share one floating dtype; masks may differ.
+  m.def(
+      "global_unstructured_masks(Tensor[] scores, Tensor[] masks, int count, "
+      "float fraction, bool only_ones, bool largest) -> Tensor[]");
 }

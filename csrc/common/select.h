@@ -49,7 +49,8 @@ template <typename scalar_t>
 C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
     scalar_t v, bool largest) {
   using key_t = typename KeyOf<scalar_t>::type;
-  constexpr key_t kAbs = static_cast<key_t>(~key_t{0} >> 1);
+  // (cast before shifting: ~ promotes 16-bit keys to int)
+  constexpr key_t kAbs = static_cast<key_t>(static_cast<key_t>(~key_t{0}) >> 1);
   key_t bits;
   memcpy(&bits, &v, sizeof(bits));
   bits &= kAbs;
@@ -68,7 +69,7 @@ template <typename key_t>
 C10_HOST_DEVICE inline key_t prefix_mask(int d) {
   const int bits = kDigitBits * d;
   return bits == 0 ? key_t{0}
-                   : static_cast<key_t>(~key_t{0} << (sizeof(key_t) * 8 - bits));
+                   : static_cast<key_t>(static_cast<key_t>(~key_t{0}) << (sizeof(key_t) * 8 - bits));
 }
 
 // Where the rank-th smallest key (1-based) falls in a histogram: its bin, and

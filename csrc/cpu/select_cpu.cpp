@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -45,11 +46,24 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-template <typename score_t, typename mask_t>
+// One tensor of a select over one or several tensors, flattened row-major;
+// several tensors are ranked as if concatenated in their given order.
+struct Segment {
+  const void* scores;  // contiguous score_t
+  const void* mask;    // contiguous, or a single value when `broadcast`
+  bool broadcast;
+  void* out;  // contiguous, the mask's dtype
+  at::ScalarType mask_type;
+  int64_t begin;  // position of its first element in the concatenation
+  int64_t numel;
+};
+
+template <typename score_t>
 class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
   static constexpr int kDigits = num_digits<key_t>();
   static constexpr int kWays = 4;
+  static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
 
   struct Candidate {
     key_t key;
@@ -60,13 +74,12 @@ class UnstructuredSelect {
   };
 
  public:
-  UnstructuredSelect(
-      const score_t* scores, const mask_t* mask, bool mask_broadcast,
-      mask_t* out, int64_t numel, bool only_ones, bool largest)
-      : scores_(scores), mask_(mask), mask_broadcast_(mask_broadcast),
-        out_(out), numel_(numel), only_ones_(only_ones), largest_(largest),
-        chunks_(numel < (int64_t{1} << 15) ? 1 : at::get_num_threads()),
-        hist_(chunks_ * kWays * kBins), total_(kBins), candidates_(chunks_) {}
+  UnstructuredSelect(std::vector<Segment> segments, bool only_ones, bool largest)
+      : segs_(std::move(segments)),
+        numel_(segs_.empty() ? 0 : segs_.back().begin + segs_.back().numel),
+        only_ones_(only_ones), largest_(largest),
+        chunks_(numel_ < (int64_t{1} << 15) ? 1 : at::get_num_threads()),
+        hist_(chunks_ * kBins), total_(kBins), candidates_(chunks_) {}
 
   // Prunes k = count (or round(fraction * candidates) when count < 0).
   void run(int64_t count, double fraction) {
@@ -75,7 +88,7 @@ class UnstructuredSelect {
     for (int64_t c : candidates_) n += c;
     const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
     TORCH_CHECK_VALUE(
-        k <= n, "unstructured_mask: cannot prune ", k, " entries out of ", n,
+        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
         " candidates");
     if (k == 0) {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
@@ -104,6 +117,14 @@ class UnstructuredSelect {
   int64_t lo(int64_t chunk) const { return numel_ * chunk / chunks_; }
   int64_t hi(int64_t chunk) const { return numel_ * (chunk + 1) / chunks_; }
 
+  // The segment holding concatenation position i.
+  const Segment& segment_of(int64_t i) const {
+    auto it = std::upper_bound(
+        segs_.begin(), segs_.end(), i,
+        [](int64_t v, const Segment& s) { return v < s.begin; });
+    return *(it - 1);
+  }
+
   template <typename F>
   void for_each_chunk(const F& f) {
     at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
@@ -111,79 +132,112 @@ class UnstructuredSelect {
     });
   }
 
-  // Runs f(std::integral_constant<bool, only_ones>, ..<bool, broadcast>) so
-  // that the per-element loops test neither flag at run time.
+  // Calls f(only_ones, broadcast, scores, mask, out, begin, end) for each
+  // piece of a segment inside chunk c: [begin, end) are indices into that
+  // segment, the two flags std::integral_constant<bool, ...> so that the
+  // per-element loops test neither at run time, and mask/out typed pointers.
   template <typename F>
-  void with_flags(const F& f) const {
+  void for_each_piece(int64_t c, const F& f) const {
+    const int64_t clo = lo(c), chi = hi(c);
+    if (clo >= chi) return;
     using T = std::true_type;
     using N = std::false_type;
-    if (only_ones_) {
-      mask_broadcast_ ? f(T{}, T{}) : f(T{}, N{});
-    } else {
-      mask_broadcast_ ? f(N{}, T{}) : f(N{}, N{});
+    for (const Segment* seg = &segment_of(clo);
+         seg != segs_.data() + segs_.size() && seg->begin < chi; ++seg) {
+      const int64_t b = std::max(clo, seg->begin) - seg->begin;
+      const int64_t e = std::min(chi, seg->begin + seg->numel) - seg->begin;
+      if (b >= e) continue;
+      const auto* s = static_cast<const score_t*>(seg->scores);
+      AT_DISPATCH_ALL_TYPES_AND3(
+          at::kHalf, at::kBFloat16, at::kBool, seg->mask_type, "fastprune_select", [&] {
+            const auto* m = static_cast<const scalar_t*>(seg->mask);
+            auto* o = static_cast<scalar_t*>(seg->out);
+            if (only_ones_) {
+              seg->broadcast ? f(T{}, T{}, s, m, o, b, e, seg->begin)
+                             : f(T{}, N{}, s, m, o, b, e, seg->begin);
+            } else {
+              seg->broadcast ? f(N{}, T{}, s, m, o, b, e, seg->begin)
+                             : f(N{}, N{}, s, m, o, b, e, seg->begin);
+            }
+          });
     }
   }
 
   // Histogram of digit d over the candidates whose higher digits equal
   // `prefix`; per chunk, then summed into total_. Branch-free: every element
-  // adds 0 or 1, so half-pruned masks cost no mispredictions; kWays
-  // interleaved sub-histograms keep repeated bins from serializing.
+  // adds 0 or 1, so half-pruned masks cost no mispredictions. Counting goes to
+  // kWays interleaved 32-bit sub-counters per bin (element i to way i % kWays),
+  // so runs of one bin do not serialize on a single counter; they are folded
+  // into the chunk's 64-bit histogram before they could overflow.
   void histogram(int d, key_t prefix) {
     const key_t pmask = prefix_mask<key_t>(d);
     const int shift = static_cast<int>(sizeof(key_t) * 8) - kDigitBits * (d + 1);
-    with_flags([&](auto only_ones, auto broadcast) {
-      for_each_chunk([&](int64_t c) {
-        int64_t* h = hist_.data() + c * kWays * kBins;
-        std::fill(h, h + kWays * kBins, 0);
-        const score_t* s = scores_;
-        const mask_t* m = mask_;
-        const bool largest = largest_;
-        int64_t n = 0;
-        for (int64_t i = lo(c), e = hi(c); i < e; ++i) {
-          int64_t cand = 1;
-          if constexpr (decltype(only_ones)::value) {
-            cand = m[decltype(broadcast)::value ? 0 : i] == mask_t(1);
+    const bool largest = largest_;
+    for_each_chunk([&](int64_t c) {
+      int64_t* h = hist_.data() + c * kBins;
+      std::fill(h, h + kBins, 0);
+      std::vector<uint32_t> ways(kBins * kWays, 0);
+      int64_t pending = 0;
+      auto fold = [&] {
+        for (int64_t b = 0; b < kBins; ++b) {
+          for (int w = 0; w < kWays; ++w) h[b] += ways[b * kWays + w];
+        }
+        std::fill(ways.begin(), ways.end(), 0);
+        pending = 0;
+      };
+      int64_t n = 0;
+      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* s,
+                            const auto* m, auto*, int64_t b, int64_t e, int64_t) {
+        using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
+        for (int64_t start = b; start < e; start += kBlock) {
+          const int64_t stop = std::min(e, start + kBlock);
+          if (pending + (stop - start) > kBlock) fold();
+          pending += stop - start;
+          for (int64_t i = start; i < stop; ++i) {
+            uint32_t cand = 1;
+            if constexpr (decltype(only_ones)::value) {
+              cand = m[decltype(broadcast)::value ? 0 : i] == mask_t(1);
+            }
+            n += cand;
+            const key_t key = magnitude_key(s[i], largest);
+            const auto bin = static_cast<uint32_t>((key >> shift) & (kBins - 1));
+            ways[bin * kWays + (i & (kWays - 1))] += cand & ((key & pmask) == prefix);
           }
-          n += cand;
-          const key_t key = magnitude_key(s[i], largest);
-          const auto bin = static_cast<uint32_t>((key >> shift) & (kBins - 1));
-          h[(i & (kWays - 1)) * kBins + bin] += cand & ((key & pmask) == prefix);
         }
-        for (int w = 1; w < kWays; ++w) {
-          for (int64_t b = 0; b < kBins; ++b) h[b] += h[w * kBins + b];
-        }
-        candidates_[c] = n;
       });
+      fold();
+      candidates_[c] = n;
     });
     std::fill(total_.begin(), total_.end(), 0);
     for (int64_t c = 0; c < chunks_; ++c) {
-      const int64_t* h = hist_.data() + c * kWays * kBins;
+      const int64_t* h = hist_.data() + c * kBins;
       for (int64_t b = 0; b < kBins; ++b) total_[b] += h[b];
     }
   }
 
   // Count of bin `bin` in chunk c's histogram from the last pass.
   int64_t chunk_count(int64_t c, uint32_t bin) const {
-    return hist_[c * kWays * kBins + bin];
+    return hist_[c * kBins + bin];
   }
 
   // The write pass: out = mask, except candidates for which the chunk's
-  // decider says prune, which get 0. The decider returns its verdict without
-  // branching on the common path.
+  // decider says prune, which get 0. The decider is called with the key, the
+  // concatenation position and whether the entry is a candidate, and answers
+  // without branching on the common path.
   template <typename MakeDecider>
   void write_with(const MakeDecider& make_decider) {
-    with_flags([&](auto only_ones, auto broadcast) {
-      for_each_chunk([&](int64_t c) {
-        auto prune = make_decider(c);
-        const score_t* s = scores_;
-        const mask_t* m = mask_;
-        mask_t* out = out_;
-        const bool largest = largest_;
-        for (int64_t i = lo(c), e = hi(c); i < e; ++i) {
+    const bool largest = largest_;
+    for_each_chunk([&](int64_t c) {
+      auto prune = make_decider(c);
+      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* s,
+                            const auto* m, auto* out, int64_t b, int64_t e,
+                            int64_t begin) {
+        using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
+        for (int64_t i = b; i < e; ++i) {
           const mask_t v = m[decltype(broadcast)::value ? 0 : i];
           bool cand = true;
           if constexpr (decltype(only_ones)::value) cand = v == mask_t(1);
-          const bool cut = prune(magnitude_key(s[i], largest), i, cand);
+          const bool cut = prune(magnitude_key(s[i], largest), begin + i, cand);
           out[i] = keep_or_zero(v, !cut);
         }
       });
@@ -209,7 +263,7 @@ class UnstructuredSelect {
   }
 
   // Writes the mask from the first digit alone, collecting the candidates of
-  // the threshold bin; then prunes the `need` smallest (key, index) of those.
+  // the threshold bin; then prunes the `need` smallest (key, position) of those.
   void write_and_collect(uint32_t bin, int64_t need) {
     std::vector<int64_t> offset(chunks_ + 1, 0);
     for (int64_t c = 0; c < chunks_; ++c) {
@@ -217,20 +271,24 @@ class UnstructuredSelect {
     }
     std::vector<Candidate> pool(offset[chunks_]);
     write_with([&](int64_t c) {
-      return [bin, next = pool.data() + offset[c]](key_t key, int64_t i, bool cand) mutable -> bool {
+      return [bin, next = pool.data() + offset[c]](
+                 key_t key, int64_t i, bool cand) mutable -> bool {
         const uint32_t digit = key_digit(key, 0);
         if (C10_UNLIKELY(cand & (digit == bin))) *next++ = Candidate{key, i};
         return cand & (digit < bin);
       };
     });
     std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end());
-    for (int64_t j = 0; j < need; ++j) out_[pool[j].index] = mask_t(0);
+    for (int64_t j = 0; j < need; ++j) {
+      const Segment& seg = segment_of(pool[j].index);
+      const size_t size = c10::elementSize(seg.mask_type);
+      // An all-zero byte pattern is 0 (or false) in every mask dtype.
+      std::memset(
+          static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
+    }
   }
 
-  const score_t* scores_;
-  const mask_t* mask_;
-  bool mask_broadcast_;
-  mask_t* out_;
+  std::vector<Segment> segs_;
   int64_t numel_;
   bool only_ones_;
   bool largest_;
@@ -248,53 +306,101 @@ bool is_broadcast_scalar(const at::Tensor& t) {
   return true;
 }
 
-at::Tensor unstructured_mask_cpu(
-    const at::Tensor& scores, const at::Tensor& mask, int64_t count,
-    double fraction, bool only_ones, bool largest) {
+// The tensors one segment needs kept alive, and the result to return.
+struct Operand {
+  at::Tensor scores;  // contiguous
+  at::Tensor mask;    // contiguous or broadcast
+  at::Tensor out;     // returned: the mask's dtype and memory format
+  at::Tensor dst;     // contiguous buffer written (out itself when contiguous)
+};
+
+Operand make_operand(const at::Tensor& scores, const at::Tensor& mask) {
   TORCH_CHECK(
       scores.sizes() == mask.sizes(),
-      "unstructured_mask: scores and mask must have the same shape, got ",
+      "fastprune: scores and mask must have the same shape, got ",
       scores.sizes(), " vs ", mask.sizes());
   TORCH_CHECK(
       at::isFloatingType(scores.scalar_type()),
-      "unstructured_mask: scores must be a floating point tensor, got ",
+      "fastprune: scores must be a floating point tensor, got ",
       scores.scalar_type());
   TORCH_CHECK(
-      fraction >= 0.0 && fraction <= 1.0,
-      "unstructured_mask: fraction must lie in [0, 1], got ", fraction);
+      scores.device() == mask.device(),
+      "fastprune: scores and mask must be on the same device, got ",
+      scores.device(), " and ", mask.device());
   // Same memory format as the mask (what clone/ones_like would give); a
   // broadcast mask follows the scores instead.
   const bool broadcast = is_broadcast_scalar(mask);
-  at::Tensor out = broadcast ? at::empty_like(scores, mask.options())
-                             : at::empty_like(mask);
-  if (out.numel() == 0) return out;
-  const at::Tensor s = scores.contiguous();
-  const at::Tensor m = broadcast ? mask : mask.contiguous();
-  at::Tensor dst = out.is_contiguous()
-      ? out
-      : at::empty(out.sizes(), out.options());
-  advise_huge_pages(dst);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, s.scalar_type(), "unstructured_mask_cpu", [&] {
-        using score_t = scalar_t;
-        AT_DISPATCH_ALL_TYPES_AND3(
-            at::kHalf, at::kBFloat16, at::kBool, m.scalar_type(),
-            "unstructured_mask_cpu", [&] {
-              UnstructuredSelect<score_t, scalar_t>(
-                  s.const_data_ptr<score_t>(), m.const_data_ptr<scalar_t>(),
-                  broadcast, dst.mutable_data_ptr<scalar_t>(), s.numel(),
-                  only_ones, largest)
-                  .run(count, fraction);
-            });
-      });
-  if (!dst.is_same(out)) out.copy_(dst);
-  return out;
+  Operand op;
+  op.out = broadcast ? at::empty_like(scores, mask.options()) : at::empty_like(mask);
+  op.scores = scores.contiguous();
+  op.mask = broadcast ? mask : mask.contiguous();
+  op.dst = op.out.is_contiguous() ? op.out : at::empty(op.out.sizes(), op.out.options());
+  advise_huge_pages(op.dst);
+  return op;
+}
+
+std::vector<at::Tensor> select_masks(
+    std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
+    bool largest) {
+  TORCH_CHECK(
+      fraction >= 0.0 && fraction <= 1.0,
+      "fastprune: fraction must lie in [0, 1], got ", fraction);
+  std::vector<Segment> segs;
+  int64_t begin = 0;
+  for (const Operand& op : ops) {
+    TORCH_CHECK(
+        op.scores.scalar_type() == ops[0].scores.scalar_type(),
+        "fastprune: all scores must have one dtype, got ",
+        ops[0].scores.scalar_type(), " and ", op.scores.scalar_type());
+    if (op.scores.numel() == 0) continue;
+    segs.push_back(Segment{
+        op.scores.const_data_ptr(), op.mask.const_data_ptr(),
+        is_broadcast_scalar(op.mask), op.dst.mutable_data_ptr(),
+        op.mask.scalar_type(), begin, op.scores.numel()});
+    begin += op.scores.numel();
+  }
+  if (!ops.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
+          UnstructuredSelect<scalar_t>(std::move(segs), only_ones, largest)
+              .run(count, fraction);
+        });
+  }
+  std::vector<at::Tensor> outs;
+  for (Operand& op : ops) {
+    if (!op.dst.is_same(op.out)) op.out.copy_(op.dst);
+    outs.push_back(std::move(op.out));
+  }
+  return outs;
+}
+
+at::Tensor unstructured_mask_cpu(
+    const at::Tensor& scores, const at::Tensor& mask, int64_t count,
+    double fraction, bool only_ones, bool largest) {
+  std::vector<Operand> ops;
+  ops.push_back(make_operand(scores, mask));
+  return select_masks(std::move(ops), count, fraction, only_ones, largest)[0];
+}
+
+std::vector<at::Tensor> global_unstructured_masks_cpu(
+    at::TensorList scores, at::TensorList masks, int64_t count,
+    double fraction, bool only_ones, bool largest) {
+  TORCH_CHECK(
+      scores.size() == masks.size(),
+      "global_unstructured_masks: got ", scores.size(), " score tensors and ",
+      masks.size(), " masks");
+  std::vector<Operand> ops;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    ops.push_back(make_operand(scores[i], masks[i]));
+  }
+  return select_masks(std::move(ops), count, fraction, only_ones, largest);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("unstructured_mask", &unstructured_mask_cpu);
+  m.impl("global_unstructured_masks", &global_unstructured_masks_cpu);
 }
 
 }  // namespace fastprune

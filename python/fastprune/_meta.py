@@ -13,3 +13,9 @@ def _unstructured_mask_fake(scores, mask, count, fraction, only_ones, largest):
     if _is_broadcast_scalar(mask):
         return torch.empty_like(scores, dtype=mask.dtype)
     return torch.empty_like(mask)
+
+
+@torch.library.register_fake("fastprune::global_unstructured_masks")
+def _global_unstructured_masks_fake(scores, masks, count, fraction, only_ones, largest):
+    torch._check(len(scores) == len(masks), lambda: "global_unstructured_masks: as many masks as scores")
+    return [_unstructured_mask_fake(s, m, count, fraction, only_ones, largest) for s, m in zip(scores, masks)]

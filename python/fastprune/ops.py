@@ -1,7 +1,13 @@
 """Typed, documented wrappers over the ``torch.ops.fastprune`` kernels."""
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+
+
+def _amount_args(count, fraction):
+    if (count is None) == (fraction is None):
+        raise ValueError("fastprune: give exactly one of count and fraction")
+    return (-1 if count is None else int(count)), (0.0 if fraction is None else float(fraction))
 
 
 def unstructured_mask(
@@ -33,8 +39,28 @@ def unstructured_mask(
         ``|scores|`` (NaN above inf) are 0; ties at the threshold are pruned in
         increasing row-major flat index. Every other entry equals ``mask``.
     """
-    if (count is None) == (fraction is None):
-        raise ValueError("unstructured_mask: give exactly one of count and fraction")
-    return torch.ops.fastprune.unstructured_mask(
-        scores, mask, -1 if count is None else int(count), 0.0 if fraction is None else float(fraction),
-        only_ones, largest)
+    return torch.ops.fastprune.unstructured_mask(scores, mask, *_amount_args(count, fraction), only_ones, largest)
+
+
+def global_unstructured_masks(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    *,
+    count: Optional[int] = None,
+    fraction: Optional[float] = None,
+    only_ones: bool = False,
+    largest: bool = False,
+) -> List[torch.Tensor]:
+    """:func:`unstructured_mask` over several tensors ranked together.
+
+    The tensors are ranked as if flattened and concatenated in list order
+    (ties: earlier tensor first, then lower flat index), but nothing is
+    concatenated: each gets its own new mask. All ``scores`` must share one
+    floating dtype and device; ``masks`` may have different dtypes. ``fraction``
+    counts the candidates of all tensors together.
+
+    Returns:
+        One new mask per tensor, as :func:`unstructured_mask` would shape it.
+    """
+    return torch.ops.fastprune.global_unstructured_masks(
+        list(scores), list(masks), *_amount_args(count, fraction), only_ones, largest)

@@ -1,0 +1,381 @@
+"""fastprune vs torch.nn.utils.prune, side by side on identical inputs.
+
+For every workload: build the inputs once (tie-free weights, fixed seed), run
+both libraries on copies, check that the masks are identical (a mismatch is
+reported and counted, never skipped), then time each side (warm-up, repeats,
+median) and measure each side's peak memory in a subprocess of its own.
+Speed is also reported as a fraction of the two-pass bandwidth floor:
+bytes that must move / copy bandwidth measured at the start of the run.
+
+    python benchmarks/bench.py              # default suite, a few minutes
+    python benchmarks/bench.py --quick      # tiny sizes (used by the tests)
+    python benchmarks/bench.py --workloads l1_unstructured iterative
+    python benchmarks/bench.py --scale      # adds 1e9 parameters, fastprune only
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as ref_prune
+
+import fastprune.prune as fast_prune
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIDES = {"torch": ref_prune, "fastprune": fast_prune}
+
+
+# ----------------------------------------------------------------- inputs
+
+def tie_free(shape, dtype=torch.float32, seed=0):
+    """Distinct magnitudes in random order with random signs (no ties for topk)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    mags = (torch.randperm(n, generator=g).to(torch.float64) + 1) / n
+    signs = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    return (mags * signs).to(dtype).reshape(shape)
+
+
+def holder(*shapes, dtype=torch.float32, seed=0):
+    """A Module with parameters p0, p1, ... of the given shapes, tie-free across all of them."""
+    m = nn.Module()
+    total = sum(int(torch.Size(s).numel()) for s in shapes)
+    flat = tie_free((total,), torch.float64, seed)
+    offset = 0
+    for i, s in enumerate(shapes):
+        n = int(torch.Size(s).numel())
+        m.register_parameter(f"p{i}", nn.Parameter(flat[offset:offset + n].reshape(s).to(dtype).clone()))
+        offset += n
+    return m
+
+
+def gpt2_small_shapes():
+    return [(50257, 768)] + [s for _ in range(12) for s in ((768, 2304), (768, 768), (768, 3072), (3072, 768))]
+
+
+def resnet50_shapes():
+    shapes = [(64, 3, 7, 7)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            if b == 0:
+                shapes.append((planes * 4, inplanes, 1, 1))
+            inplanes = planes * 4
+    return shapes + [(1000, 2048)]
+
+
+# -------------------------------------------------------------- workloads
+# Each workload: make(dtype, quick) -> state; run(prune, state) prunes it in place;
+# masks(state) -> list of masks; numel/bytes for the floor. State is deep-copied per run.
+
+class Workload:
+    """make(dtype, quick) -> module; prepare(prune, module) runs untimed on each
+    side's copy first; run(prune, module) is what is timed."""
+
+    def __init__(self, name, make, run, floor_bytes, note="", prepare=None):
+        self.name, self.make, self.run, self.floor_bytes, self.note = name, make, run, floor_bytes, note
+        self.prepare = prepare or (lambda prune, m: None)
+
+    def fresh(self, prune, state):
+        m = copy.deepcopy(state)
+        self.prepare(prune, m)
+        return m
+
+
+def _single(shape_full, shape_quick):
+    return lambda dtype, quick: holder(shape_quick if quick else shape_full, dtype=dtype)
+
+
+def _masks(m):
+    return [b for n, b in m.named_buffers() if n.endswith("_mask")]
+
+
+def _bytes(m, mask_reads_per_elem, score_reads_per_elem):
+    """Two-pass floor: score_reads * v + mask_reads * m bytes per element."""
+    total = 0
+    for p in m.parameters():
+        total += p.numel() * (score_reads_per_elem * p.element_size() + mask_reads_per_elem * p.element_size())
+    return total
+
+
+def _iterative(rounds):
+    def run(prune, m):
+        for _ in range(rounds):
+            prune.l1_unstructured(m, "p0", amount=0.2)
+    return run
+
+
+def _global(method, shapes_fn, quick_shapes):
+    def make(dtype, quick):
+        return holder(*(quick_shapes if quick else shapes_fn()), dtype=dtype)
+
+    def run(prune, m):
+        params = [(m, n) for n, _ in list(m.named_parameters())]
+        prune.global_unstructured(params, pruning_method=getattr(prune, method), amount=0.5)
+    return make, run
+
+
+WORKLOADS = {}
+
+
+def _add(w):
+    WORKLOADS[w.name] = w
+
+
+_add(Workload("l1_unstructured", _single((4096, 4096), (64, 64)),
+              lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5),
+              lambda m: _bytes(m, 3, 2), "amount 0.5, Linear 4096x4096"))
+_add(Workload("iterative", _single((4096, 4096), (64, 64)), _iterative(1),
+              lambda m: _bytes(m, 3, 2), "one more round of 0.2 after 0.5",
+              prepare=lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5)))
+_add(Workload("iterative_x5", _single((4096, 4096), (64, 64)), _iterative(5),
+              lambda m: 5 * _bytes(m, 3, 2), "five rounds of 0.2"))
+_add(Workload("random_unstructured", _single((4096, 4096), (64, 64)),
+              lambda prune, m: (torch.manual_seed(0), prune.random_unstructured(m, "p0", amount=0.5)),
+              lambda m: _bytes(m, 3, 2), "amount 0.5, 4096x4096, seeded"))
+_add(Workload("ln_structured", _single((512, 512, 3, 3), (16, 16, 3, 3)),
+              lambda prune, m: (prune.ln_structured(m, "p0", amount=0.3, n=2, dim=0),
+                                prune.ln_structured(m, "p0", amount=0.3, n=2, dim=1)),
+              lambda m: 2 * _bytes(m, 3, 2), "n=2, dim 0 then dim 1, Conv2d(512,512,3)"))
+_add(Workload("random_structured", _single((512, 512, 3, 3), (16, 16, 3, 3)),
+              lambda prune, m: (torch.manual_seed(0), prune.random_structured(m, "p0", amount=0.3, dim=0)),
+              lambda m: _bytes(m, 3, 0), "amount 0.3, dim 0, Conv2d(512,512,3), seeded"))
+for _method, _label in (("L1Unstructured", "l1"), ("RandomUnstructured", "random")):
+    for _model, _shapes, _quick in (("resnet50", resnet50_shapes, [(8, 3, 3, 3), (16, 8, 1, 1), (10, 16)]),
+                                    ("gpt2", gpt2_small_shapes, [(500, 8), (8, 24), (24, 8)])):
+        _make, _run = _global(_method, _shapes, _quick)
+        if _method == "RandomUnstructured":
+            _run = (lambda r: lambda prune, m: (torch.manual_seed(0), r(prune, m)))(_run)
+        _add(Workload(f"global_{_label}_{_model}", _make, _run, lambda m: _bytes(m, 3, 2),
+                      f"global_unstructured {_method} 0.5 over a {_model}-like layer set"))
+
+
+# ------------------------------------------------------------------ timing
+
+def measure_copy_bandwidth(nbytes=1 << 28):
+    x = torch.empty(nbytes // 4)
+    x.fill_(1.0)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times)  # read + write
+
+
+def time_side(w, prune, state, repeats):
+    times = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        m = w.fresh(prune, state)
+        t0 = time.perf_counter()
+        w.run(prune, m)
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+        del m
+    return statistics.median(times)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+
+def peak_growth(fn):
+    """Bytes by which fn() raises the resident-set peak above the RSS before it.
+    Resets the kernel's high-water mark first (Linux clear_refs 5)."""
+    import gc
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def child_peak(name, side, dtype, quick):
+    """Peak memory growth of one side on one workload, measured in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, side, str(dtype).split(".")[1], str(int(quick))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _child(name, side, dtype, quick):
+    w, prune = WORKLOADS[name], SIDES[side]
+    m = w.fresh(prune, w.make(getattr(torch, dtype), bool(int(quick))))
+    print(peak_growth(lambda: w.run(prune, m)))
+
+
+def run_workload(w, dtype, quick, repeats, bandwidth, peak):
+    state = w.make(dtype, quick)
+    done = {}
+    for side, prune in SIDES.items():
+        m = w.fresh(prune, state)
+        w.run(prune, m)
+        done[side] = _masks(m)
+    ok = len(done["torch"]) == len(done["fastprune"]) and all(
+        a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(done["torch"], done["fastprune"]))
+    row = {"workload": w.name, "note": w.note, "numel": sum(p.numel() for p in state.parameters()),
+           "masks_equal": ok}
+    for side, prune in SIDES.items():
+        row[f"{side}_s"] = time_side(w, prune, state, repeats)
+        row[f"{side}_peak_bytes"] = child_peak(w.name, side, dtype, quick) if peak else None
+    row["speedup"] = row["torch_s"] / row["fastprune_s"]
+    row["floor_s"] = w.floor_bytes(state) / bandwidth
+    row["fraction_of_floor"] = row["floor_s"] / row["fastprune_s"]
+    return row
+
+
+def sweep(dtype, quick, repeats):
+    sizes = [10**4, 10**5, 10**6] if quick else [10**4, 10**5, 10**6, 10**7, 10**8]
+    rows = []
+    for n in sizes:
+        state = holder((n,), dtype=dtype)
+        row = {"numel": n}
+        for side, prune in SIDES.items():
+            row[f"{side}_s"] = time_side(WORKLOADS["l1_unstructured"], prune, state, 1 if n >= 10**8 else repeats)
+        rows.append(row)
+        print(f"  sweep n={n:.0e}: torch {row['torch_s']*1e3:9.2f} ms  fastprune {row['fastprune_s']*1e3:9.2f} ms",
+              flush=True)
+    return rows
+
+
+def scale_run(dtype, total=10**9):
+    """Global L1 pruning of `total` parameters, fastprune only (the reference cannot fit)."""
+    shapes = [(total // 16,)] * 16
+    m = nn.Module()
+    g = torch.Generator().manual_seed(0)
+    for i, s in enumerate(shapes):
+        m.register_parameter(f"p{i}", nn.Parameter(torch.randn(s, generator=g, dtype=dtype)))
+    t = {}
+
+    def run():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fast_prune.global_unstructured([(m, f"p{i}") for i in range(len(shapes))],
+                                           pruning_method=fast_prune.L1Unstructured, amount=0.5)
+        t["s"] = time.perf_counter() - t0
+    growth = peak_growth(run)
+    pruned = sum(int((b == 0).sum()) for b in _masks(m))
+    return {"numel": total, "fastprune_s": t["s"], "pruned": pruned, "exact": pruned == total // 2,
+            "peak_growth_bytes": growth,
+            "torch": "skipped: the reference concatenates every parameter and mask and sorts "
+                     "with int64 indices, ~12x the weights' bytes, which does not fit in this machine's memory"}
+
+
+# ------------------------------------------------------------------ report
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+
+
+def fmt_bytes(b):
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def markdown(rows, info, bandwidth):
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+             f"{info['date']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
+             "| workload | elements | torch.nn.utils.prune | fastprune | speed-up | of floor | peak torch | peak fastprune | masks equal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['numel']:,} | {r['torch_s']*1e3:,.1f} ms | {r['fastprune_s']*1e3:,.1f} ms | "
+                     f"{r['speedup']:,.1f}x | {r['fraction_of_floor']:.0%} | {fmt_bytes(r['torch_peak_bytes'])} | "
+                     f"{fmt_bytes(r['fastprune_peak_bytes'])} | {'yes' if r['masks_equal'] else '**NO**'} |")
+    return "\n".join(lines)
+
+
+def plot(rows, sweep_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh([r["workload"] for r in rows], [r["speedup"] for r in rows])
+    a.set_xscale("log")
+    a.set_xlabel("speed-up over torch.nn.utils.prune (log)")
+    a.invert_yaxis()
+    if sweep_rows:
+        n = [r["numel"] for r in sweep_rows]
+        for side in SIDES:
+            b.loglog(n, [r[f"{side}_s"] for r in sweep_rows], "o-", label=side)
+        b.set_xlabel("elements")
+        b.set_ylabel("l1_unstructured time (s)")
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return _child(*argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, no peak-memory subprocesses")
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
+    ap.add_argument("--device", default="cpu", choices=["cpu"], help="CUDA comes with the CUDA kernels")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--scale", action="store_true", help="also prune 1e9 parameters with fastprune alone")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    repeats = 1 if args.quick else args.repeats
+    info = machine()
+    bandwidth = measure_copy_bandwidth(1 << 24 if args.quick else 1 << 28)
+    print(f"fastprune benchmark: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for name in args.workloads:
+        print(f"- {name} ...", end="", flush=True)
+        row = run_workload(WORKLOADS[name], dtype, args.quick, repeats, bandwidth, peak=not args.quick)
+        rows.append(row)
+        print(f" torch {row['torch_s']*1e3:,.1f} ms, fastprune {row['fastprune_s']*1e3:,.1f} ms, "
+              f"{row['speedup']:,.1f}x, {row['fraction_of_floor']:.0%} of floor"
+              + ("" if row["masks_equal"] else "  ** MASKS DIFFER **"), flush=True)
+    sweep_rows = [] if args.no_sweep else sweep(dtype, args.quick, repeats)
+    scale = scale_run(dtype) if args.scale else None
+    table = markdown(rows, info, bandwidth)
+    print()
+    print(table)
+    if scale:
+        print(f"\nscale: {scale['numel']:,} parameters in {scale['fastprune_s']:.1f} s, peak growth "
+              f"{fmt_bytes(scale['peak_growth_bytes'])}, exactly k pruned: {scale['exact']}; torch {scale['torch']}")
+    os.makedirs(args.out, exist_ok=True)
+    stem = "quick" if args.quick else "latest"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "copy_bandwidth": bandwidth,
+                   "rows": rows, "sweep": sweep_rows, "scale": scale}, f, indent=1)
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+        f.write(table + "\n")
+    plot(rows, sweep_rows, os.path.join(args.out, f"{stem}.png"))
+    mismatches = sum(not r["masks_equal"] for r in rows)
+    if mismatches:
+        print(f"\n{mismatches} workload(s) with masks that differ from torch.nn.utils.prune", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
