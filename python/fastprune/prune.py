@@ -1,0 +1,1192 @@
+"""Drop-in replacement for ``torch.nn.utils.prune`` backed by fastprune kernels.
+
+``import fastprune.prune as prune`` behaves like ``import torch.nn.utils.prune
+as prune`` (same classes, functions, hooks, buffers, dtypes, amounts, errors),
+with these differences (see SPEC.md, Part A):
+
+* unstructured masks come from one selection kernel
+  (:func:`fastprune.ops.unstructured_mask`) that reads masks and scores in
+  place; among equal scores the lower row-major index is pruned first;
+* non-contiguous and channels_last tensors work everywhere, and masks keep the
+  memory format ``torch.ones_like(param)`` would give;
+* a failed prune leaves the module exactly as it was (hooks and hook order
+  included), ``PruningContainer`` accepts several methods,
+  ``global_unstructured`` accepts any iterable, keeps no model-sized tensor
+  alive, and works on the meta device and above 2**31 elements;
+* ``copy.deepcopy`` works on modules pruned under grad mode.
+
+Every class here also derives from its namesake in ``torch.nn.utils.prune``
+(``isinstance(fastprune.prune.L1Unstructured(1), torch.nn.utils.prune.L1Unstructured)``),
+so both libraries' ``is_pruned``/``remove`` accept either library's hooks, and
+pruning one tensor with both libraries composes into one container. A
+replacement of torch's ``compute_mask`` (e.g. ``mock.patch(
+"torch.nn.utils.prune.L1Unstructured.compute_mask")``) also takes effect here,
+so tests written against torch's module pass with only the import changed.
+"""
+import copy
+import functools
+import numbers
+import weakref
+from abc import abstractmethod
+from collections.abc import Iterable
+
+import torch
+from torch.nn.utils import prune as _torch_prune
+
+from . import ops
+
+__all__ = [
+    "BasePruningMethod",
+    "PruningContainer",
+    "Identity",
+    "RandomUnstructured",
+    "L1Unstructured",
+    "RandomStructured",
+    "LnStructured",
+    "CustomFromMask",
+    "identity",
+    "random_unstructured",
+    "l1_unstructured",
+    "random_structured",
+    "ln_structured",
+    "global_unstructured",
+    "custom_from_mask",
+    "remove",
+    "is_pruned",
+]
+
+# Either library's classes: hooks and container members may come from both.
+_AnyMethod = _torch_prune.BasePruningMethod
+_AnyContainer = _torch_prune.PruningContainer
+
+_KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# id(hook) -> weakref to the module the hook was last applied to or called on,
+# so that the hook's __deepcopy__ can find the module's cached pruned tensor.
+# Entries leave with their hook (weakref.finalize).
+_HOOK_MODULES = {}
+
+
+def _remember_module(hook, module):
+    key = id(hook)
+    ref = _HOOK_MODULES.get(key)
+    if ref is not None and ref() is module:
+        return
+    if ref is None:
+        try:
+            weakref.finalize(hook, _HOOK_MODULES.pop, key, None)
+        except TypeError:  # not weak-referenceable (a user subclass with __slots__)
+            return
+    _HOOK_MODULES[key] = weakref.ref(module)
+
+
+def _remembered_module(hook):
+    ref = _HOOK_MODULES.get(id(hook))
+    return None if ref is None else ref()
+
+
+class BasePruningMethod(_torch_prune.BasePruningMethod):
+    """Abstract base of the pruning methods; subclasses define ``compute_mask``.
+
+    A method object is also the forward pre-hook of the tensor it prunes: before
+    every forward it recomputes ``module.<name>`` as ``<name>_mask * <name>_orig``.
+    It is an instance of ``torch.nn.utils.prune.BasePruningMethod``.
+    """
+
+    _tensor_name: str
+
+    def __call__(self, module, inputs):
+        """Forward pre-hook: store the masked tensor as ``module.<name>``.
+
+        Args:
+            module (nn.Module): the module holding the pruned tensor.
+            inputs: the forward inputs (unused).
+        """
+        setattr(module, self._tensor_name, self.apply_mask(module))
+        _remember_module(self, module)
+
+    @abstractmethod
+    def compute_mask(self, t, default_mask):
+        """Compute the new mask of ``t``.
+
+        Args:
+            t (torch.Tensor): importance scores of the tensor to prune.
+            default_mask (torch.Tensor): mask of earlier prunes (ones on a first
+                prune), same shape as ``t``; entries it zeroes stay zero.
+
+        Returns:
+            torch.Tensor: the mask, same shape as ``t``.
+        """
+
+    def apply_mask(self, module):
+        """Multiply the stored mask into the stored original tensor.
+
+        Args:
+            module (nn.Module): the module holding ``<name>_orig`` and ``<name>_mask``.
+
+        Returns:
+            torch.Tensor: ``<name>_mask`` (cast to the parameter dtype) times
+            ``<name>_orig``; differentiable with respect to ``<name>_orig``.
+        """
+        if self._tensor_name is None:
+            raise AssertionError(f"Module {module} has to be pruned")
+        name = self._tensor_name
+        orig = getattr(module, name + "_orig")
+        return getattr(module, name + "_mask").to(dtype=orig.dtype) * orig
+
+    @classmethod
+    def apply(cls, module, name, *args, importance_scores=None, **kwargs):
+        """Prune ``module.<name>`` with ``cls(*args, **kwargs)`` and keep it pruned.
+
+        On a first prune the parameter moves to ``<name>_orig`` (same Parameter
+        object), the mask becomes the buffer ``<name>_mask`` and the method the
+        forward pre-hook. On later prunes the existing hook and the new method
+        are combined in a :class:`PruningContainer` that prunes only what is
+        still unpruned. The hook goes to the end of the hook order. If anything
+        fails, the module is left exactly as it was, and the error propagates.
+
+        Args:
+            module (nn.Module): module holding the tensor to prune.
+            name (str): name of the parameter to prune.
+            *args: positional arguments of ``cls``.
+            importance_scores (torch.Tensor, optional): scores with the shape of
+                the parameter; default: the current ``module.<name>``.
+            **kwargs: keyword arguments of ``cls``.
+
+        Returns:
+            BasePruningMethod: the hook now registered: the new method, or the
+            container holding it.
+        """
+        hooks = module._forward_pre_hooks
+        found = [key for key, hook in hooks.items()
+                 if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
+        if len(found) > 1:
+            raise AssertionError(
+                f"Avoid adding multiple pruning hooks to the same tensor {name} "
+                f"of module {module}. Use a PruningContainer.")
+        saved = _ModuleSnapshot(module, [name])
+        old = hooks.pop(found[0]) if found else None
+        assigned = False
+        try:
+            method = cls(*args, **kwargs)
+            method._tensor_name = name
+            if isinstance(old, _AnyContainer):
+                old.add_pruning_method(method)
+                method = old
+            elif old is not None:
+                container = PruningContainer(old)
+                container.add_pruning_method(method)
+                method = container
+
+            orig = getattr(module, name)
+            if importance_scores is None:
+                importance_scores = orig
+            elif importance_scores.shape != orig.shape:
+                raise AssertionError(
+                    f"importance_scores should have the same shape as parameter {name} "
+                    f"of {module}, got {importance_scores.shape} vs {orig.shape}")
+
+            if isinstance(method, _AnyContainer):
+                current = getattr(module, name + "_mask").detach()
+                if _container_kernel_kind(method, importance_scores, current) is None:
+                    current = current.clone()
+                default_mask = current
+            else:
+                module.register_parameter(name + "_orig", orig)
+                del module._parameters[name]
+                default_mask = _first_mask(method, orig, importance_scores)
+
+            mask = method.compute_mask(importance_scores, default_mask=default_mask)
+            module.register_buffer(name + "_mask", mask)
+            assigned = True
+            setattr(module, name, method.apply_mask(module))
+            module.register_forward_pre_hook(method)
+        except BaseException:
+            saved.restore(reassigned=[name] if assigned else ())
+            raise
+        _remember_module(method, module)
+        return method
+
+    def prune(self, t, default_mask=None, importance_scores=None):
+        """Return ``t`` times the mask this method computes for it.
+
+        Args:
+            t (torch.Tensor): tensor to prune.
+            default_mask (torch.Tensor, optional): mask of earlier prunes;
+                default: ones.
+            importance_scores (torch.Tensor, optional): scores with the shape
+                of ``t``; default: ``t``.
+
+        Returns:
+            torch.Tensor: the pruned copy of ``t``.
+        """
+        if importance_scores is None:
+            importance_scores = t
+        elif importance_scores.shape != t.shape:
+            raise AssertionError(
+                "importance_scores should have the same shape as tensor t, "
+                f"got {importance_scores.shape} vs {t.shape}")
+        if default_mask is None:
+            default_mask = torch.ones_like(t)
+        return t * self.compute_mask(importance_scores, default_mask=default_mask)
+
+    def remove(self, module):
+        """Make the pruning permanent and drop the reparametrization.
+
+        ``<name>_orig`` gets the masked values and becomes ``<name>`` again (the
+        same Parameter object, appended at the end of the parameters);
+        ``<name>_mask`` is deleted. The caller removes the hook itself.
+
+        Args:
+            module (nn.Module): the module holding the pruned tensor.
+        """
+        if self._tensor_name is None:
+            raise AssertionError(
+                f"Module {module} has to be pruned before pruning can be removed")
+        name = self._tensor_name
+        pruned = self.apply_mask(module)
+        if hasattr(module, name):
+            delattr(module, name)
+        orig = module._parameters[name + "_orig"]
+        orig.data = pruned.data
+        del module._parameters[name + "_orig"]
+        del module._buffers[name + "_mask"]
+        setattr(module, name, orig)
+
+    def __deepcopy__(self, memo):
+        """Deep-copy the hook, making its module's cached pruned tensor copyable.
+
+        ``module.<name>`` is ``mask * orig``, a non-leaf tensor under grad mode,
+        which ``torch.Tensor.__deepcopy__`` refuses (pytorch#37322). A module's
+        ``__dict__`` lists ``_forward_pre_hooks`` before that attribute, so when
+        the module is being deep-copied, this hook is copied first and enters
+        a detached copy of the cached tensor into ``memo``; the module's copy
+        then holds the same values, as if it had been pruned under
+        ``torch.no_grad()``, until its next forward recomputes them.
+
+        Args:
+            memo (dict): the ``copy.deepcopy`` memo.
+
+        Returns:
+            BasePruningMethod: the copy.
+        """
+        module = _remembered_module(self)
+        copying_module = module is not None and id(module) in memo
+        if copying_module:
+            cached = module.__dict__.get(getattr(self, "_tensor_name", None))
+            if isinstance(cached, torch.Tensor) and not cached.is_leaf and id(cached) not in memo:
+                memo[id(cached)] = cached.detach().clone()
+                memo.setdefault(id(memo), []).append(cached)
+        new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        if copying_module:
+            _remember_module(new, memo[id(module)])
+        return new
+
+
+class _ModuleSnapshot:
+    """What pruning tensors ``names`` of ``module`` may change, to put back on failure.
+
+    Parameters, buffers and forward pre-hooks (contents and order), the
+    non-persistent buffer set, the members of existing pruning containers and
+    the cached attributes ``module.<name>``.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, module, names):
+        self.module = module
+        self.parameters = list(module._parameters.items())
+        self.buffers = list(module._buffers.items())
+        self.non_persistent = set(module._non_persistent_buffers_set)
+        self.hooks = list(module._forward_pre_hooks.items())
+        self.members = [(hook, hook._pruning_methods) for _, hook in self.hooks
+                        if isinstance(hook, _AnyContainer)]
+        self.cached = {name: module.__dict__.get(name, self._MISSING) for name in names}
+
+    def restore(self, reassigned=()):
+        """Put the module back.
+
+        Args:
+            reassigned (Iterable[str]): names that were assigned with
+                ``setattr`` since the snapshot; a module class with its own
+                ``__setattr__`` (RNN ``_flat_weights``) sees their old values
+                assigned again.
+        """
+        module = self.module
+        for live, items in ((module._parameters, self.parameters),
+                            (module._buffers, self.buffers),
+                            (module._forward_pre_hooks, self.hooks)):
+            live.clear()
+            live.update(items)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(self.non_persistent)
+        for container, members in self.members:
+            container._pruning_methods = members
+        for name, value in self.cached.items():
+            if value is self._MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+        if type(module).__setattr__ is not torch.nn.Module.__setattr__:
+            for name in reassigned:
+                setattr(module, name, getattr(module, name))
+
+
+def _honours_torch_replacement(torch_cls):
+    """Decorate our ``compute_mask`` that stands in for ``torch_cls.compute_mask``.
+
+    While ``torch_cls.compute_mask`` is torch's own function, ours runs. Once
+    something replaces torch's (``mock.patch("torch.nn.utils.prune.L1Unstructured
+    .compute_mask")``, a monkeypatch), our method calls the replacement instead,
+    as the reference would, so code written against ``torch.nn.utils.prune``
+    keeps working with only its import changed.
+    """
+    stock = vars(torch_cls)["compute_mask"]
+
+    def decorate(fast):
+        @functools.wraps(fast)
+        def compute_mask(self, t, default_mask):
+            current = vars(torch_cls)["compute_mask"]
+            if current is not stock:
+                bind = getattr(type(current), "__get__", None)
+                replacement = current if bind is None else bind(current, self, type(self))
+                return replacement(t, default_mask=default_mask)
+            return fast(self, t, default_mask)
+        return compute_mask
+    return decorate
+
+
+def _unpatched(cls):
+    """Whether ``cls.compute_mask`` and its torch twin's are still the originals."""
+    ours, twin, theirs = _ORIGINAL_COMPUTE_MASK[cls]
+    return vars(cls).get("compute_mask") is ours and vars(twin).get("compute_mask") is theirs
+
+
+def _kernel_kind(method):
+    """``"l1"`` or ``"random"`` for our own, unpatched L1/RandomUnstructured, else None."""
+    cls = type(method)
+    if (cls not in (L1Unstructured, RandomUnstructured) or not _unpatched(cls)
+            or "compute_mask" in getattr(method, "__dict__", ())):
+        return None
+    return "l1" if cls is L1Unstructured else "random"
+
+
+def _container_kernel_kind(container, t, mask):
+    """The kernel path ``container.compute_mask(t, mask)`` takes, or None.
+
+    A kernel path never writes into ``mask``, so ``apply`` need not clone it.
+    """
+    if (not _unpatched(PruningContainer)
+            or type(container).compute_mask is not vars(PruningContainer)["compute_mask"]
+            or "compute_mask" in container.__dict__
+            or not container._pruning_methods
+            or t.shape != mask.shape or t.device != mask.device):
+        return None
+    return _kernel_kind(container._pruning_methods[-1])
+
+
+def _first_mask(method, orig, scores):
+    """Default mask of a first prune: ``torch.ones_like(orig)``.
+
+    Our unstructured methods get a stride-0 view of a single one instead (the
+    kernel reads it in place and returns a fresh mask in the scores' format,
+    which for contiguous tensors is the format of ``ones_like(orig)``).
+    """
+    if (_kernel_kind(method) is not None and orig.numel() > 1
+            and orig.is_contiguous() and scores.is_contiguous()):
+        return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
+    return torch.ones_like(orig)
+
+
+def _magnitude_scores(t):
+    """``t`` detached, as a tensor whose magnitudes the kernel can rank."""
+    t = t.detach()
+    if t.dtype in _KERNEL_SCORE_DTYPES:
+        return t
+    if t.is_complex():
+        return t.abs()
+    return t.to(torch.float64)
+
+
+def _select(scores, mask, **kwargs):
+    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device."""
+    if scores.device != mask.device:
+        scores = scores.to(mask.device)
+    return ops.unstructured_mask(scores, mask.detach(), **kwargs)
+
+
+def _check_count(k):
+    """Reject the counts ``torch.topk`` rejects (a ``True`` amount, a negative one)."""
+    if isinstance(k, bool) and k:
+        raise TypeError("topk(): argument 'k' must be int, not bool")
+    if k < 0:
+        raise RuntimeError("selected index k out of range")
+
+
+class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
+    """The sequence of pruning methods applied, in order, to one tensor.
+
+    Each new method prunes only what the earlier ones left: entries still at 1
+    (unstructured), channels not yet all zero (structured), or everything
+    (global). Members may come from either library. It is an instance of
+    ``torch.nn.utils.prune.PruningContainer``.
+
+    Args:
+        *args (BasePruningMethod): initial members, all acting on the same
+            tensor; the container takes the first one's ``_tensor_name``.
+    """
+
+    def __init__(self, *args):
+        self._pruning_methods = ()
+        if args:
+            self._tensor_name = args[0]._tensor_name
+        for method in args:
+            self.add_pruning_method(method)
+
+    @_honours_torch_replacement(_torch_prune.PruningContainer)
+    def compute_mask(self, t, default_mask):
+        """Apply the last member on what ``default_mask`` leaves unpruned.
+
+        Args:
+            t (torch.Tensor): importance scores of the tensor.
+            default_mask (torch.Tensor): mask of the earlier members.
+
+        Returns:
+            torch.Tensor: the combined mask, with the dtype of ``t``.
+        """
+        return self._combine_masks(self._pruning_methods[-1], t, default_mask)
+
+    def _combine_masks(self, method, t, mask):
+        """``mask`` (as ``t``'s dtype) with ``method`` applied to its unpruned part.
+
+        Args:
+            method (BasePruningMethod): the member to apply.
+            t (torch.Tensor): importance scores, same shape as ``mask``.
+            mask (torch.Tensor): mask of the earlier members.
+
+        Returns:
+            torch.Tensor: the new mask, with the dtype of ``t``.
+        """
+        kind = _container_kernel_kind(self, t, mask)
+        if kind == "l1":
+            return _l1_on_ones(method.amount, t, mask)
+        if kind == "random":
+            return _random_on_ones(method.amount, t, mask)
+
+        new_mask = mask.to(dtype=t.dtype)
+        pruning_type = method.PRUNING_TYPE
+        if pruning_type == "unstructured":
+            region = mask == 1
+        elif pruning_type == "structured":
+            if not hasattr(method, "dim"):
+                raise AttributeError(
+                    'Pruning methods of PRUNING_TYPE "structured" need to have the '
+                    "attribute `dim` defined.")
+            ndim = t.dim()
+            dim = method.dim + ndim if method.dim < 0 else method.dim
+            if dim < 0:
+                raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
+            region = [slice(None)] * ndim
+            region[dim] = mask.sum(dim=[d for d in range(ndim) if d != dim]) != 0
+            region = tuple(region)
+        elif pruning_type == "global":
+            region = (slice(None),) * t.dim()
+        else:
+            raise ValueError(f"Unrecognized PRUNING_TYPE {pruning_type}")
+        partial = method.compute_mask(t[region], default_mask=mask[region])
+        new_mask[region] = partial.to(dtype=new_mask.dtype)
+        return new_mask
+
+
+def _count_ones(mask):
+    """Number of entries equal to 1 (None on the meta device, where it is unknown)."""
+    if mask.device.type == "meta":
+        return None
+    return int((mask == 1).sum())
+
+
+def _l1_on_ones(amount, t, mask):
+    """Container L1 path: prune by ``|t|`` among the entries where ``mask == 1``."""
+    scores = _magnitude_scores(t)
+    if isinstance(amount, float) and 0.0 <= amount <= 1.0:
+        # The kernel computes round(amount * candidates) exactly as Python does.
+        new = _select(scores, mask, fraction=amount, only_ones=True)
+    else:
+        n = _count_ones(mask)
+        k = amount if n is None else _compute_nparams_toprune(amount, n)
+        if n is not None:
+            _validate_pruning_amount(k, n)
+        _check_count(k)
+        new = _select(scores, mask, count=k, only_ones=True)
+    return new.to(dtype=t.dtype)
+
+
+def _random_on_ones(amount, t, mask):
+    """Container random path, drawing the random numbers exactly as the reference.
+
+    The reference draws ``torch.rand_like(t[mask == 1])`` (one draw per
+    candidate, in row-major order, from ``t``'s device generator) and prunes
+    the k largest draws; this draws the same numbers without gathering ``t``.
+    On the meta device (no values, no draws) the result is just the new mask's
+    shape and dtype.
+    """
+    new = mask.to(dtype=t.dtype, copy=True)
+    n = _count_ones(mask)
+    if n is None:
+        return new
+    k = _compute_nparams_toprune(amount, n)
+    _validate_pruning_amount(k, n)
+    _check_count(k)
+    if k != 0:
+        keep = mask == 1
+        draws = torch.rand(n, dtype=t.dtype, device=t.device)
+        ones = torch.ones((), dtype=new.dtype, device=new.device).expand(n)
+        new[keep] = _select(draws, ones, count=k, largest=True)
+    return new
+
+
+class Identity(BasePruningMethod, _torch_prune.Identity):
+    """Prunes nothing: sets up the reparametrization with a mask of ones."""
+
+    PRUNING_TYPE = "unstructured"
+
+    @_honours_torch_replacement(_torch_prune.Identity)
+    def compute_mask(self, t, default_mask):
+        """Return ``default_mask`` itself.
+
+        Args:
+            t (torch.Tensor): importance scores (unused).
+            default_mask (torch.Tensor): mask of earlier prunes.
+
+        Returns:
+            torch.Tensor: ``default_mask`` (the same object).
+        """
+        return default_mask
+
+    @classmethod
+    def apply(cls, module, name):
+        """Reparametrize ``module.<name>`` without pruning anything.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name)
+
+
+class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
+    """Prunes entries chosen uniformly at random.
+
+    Args:
+        amount (int or float): entries to prune: a count, or a fraction in
+            [0, 1] of the entries (rounded half to even).
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount):
+        _validate_pruning_amount_init(amount)
+        self.amount = amount
+
+    @_honours_torch_replacement(_torch_prune.RandomUnstructured)
+    def compute_mask(self, t, default_mask):
+        """Zero k random entries of ``default_mask``.
+
+        Draws ``t.numel()`` numbers with ``torch.rand_like(t)`` (row-major
+        order, ``t``'s device generator) and prunes the k largest, as the
+        reference does; entries may be ones ``default_mask`` already zeroes.
+
+        Args:
+            t (torch.Tensor): tensor giving the shape, dtype and device of the draws.
+            default_mask (torch.Tensor): mask of earlier prunes.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        n = t.nelement()
+        k = _compute_nparams_toprune(self.amount, n)
+        _validate_pruning_amount(k, n)
+        _check_count(k)
+        if k == 0:
+            return default_mask.clone()
+        draws = torch.rand_like(t, memory_format=torch.contiguous_format)
+        return _select(draws, default_mask, count=k, largest=True)
+
+    @classmethod
+    def apply(cls, module, name, amount):
+        """Prune random entries of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of the unpruned entries.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name, amount=amount)
+
+
+class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
+    """Prunes the entries with the smallest absolute value.
+
+    Exactly k entries are pruned; among equal values the lower row-major index
+    goes first; NaN ranks above infinity.
+
+    Args:
+        amount (int or float): entries to prune: a count, or a fraction in
+            [0, 1] of the entries (rounded half to even).
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount):
+        _validate_pruning_amount_init(amount)
+        self.amount = amount
+
+    @_honours_torch_replacement(_torch_prune.L1Unstructured)
+    def compute_mask(self, t, default_mask):
+        """Zero the entries of ``default_mask`` where ``|t|`` is among the k smallest.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        n = t.nelement()
+        k = _compute_nparams_toprune(self.amount, n)
+        _validate_pruning_amount(k, n)
+        _check_count(k)
+        if k == 0:
+            return default_mask.clone()
+        return _select(_magnitude_scores(t), default_mask, count=k)
+
+    @classmethod
+    def apply(cls, module, name, amount, importance_scores=None):
+        """Prune the smallest-magnitude entries of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of the unpruned entries.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name, amount=amount, importance_scores=importance_scores)
+
+
+def _channel_mask(t, dim, kept, default_mask):
+    """Mask of ``t``'s dtype and format: channels ``kept`` along ``dim``, times ``default_mask``."""
+    mask = torch.zeros_like(t)
+    mask.index_fill_(dim, kept.to(mask.device), 1)
+    mask *= default_mask.to(dtype=mask.dtype)
+    return mask
+
+
+class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
+    """Prunes whole channels chosen at random.
+
+    Args:
+        amount (int or float): channels to prune: a count, or a fraction in
+            [0, 1] of the channels (rounded half to even).
+        dim (int): dimension that indexes the channels. Default: -1.
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount, dim=-1):
+        _validate_pruning_amount_init(amount)
+        self.amount = amount
+        self.dim = dim
+
+    @_honours_torch_replacement(_torch_prune.RandomStructured)
+    def compute_mask(self, t, default_mask):
+        """Zero k random channels of ``default_mask``.
+
+        Draws one number per channel with ``torch.rand`` on the CPU default
+        generator (whatever ``t``'s device) and keeps the channels whose draw
+        exceeds the k-th smallest, as the reference does.
+
+        Args:
+            t (torch.Tensor): tensor giving the shape, dtype and format.
+            default_mask (torch.Tensor): mask of earlier prunes.
+
+        Returns:
+            torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
+            when nothing is pruned).
+        """
+        _validate_structured_pruning(t)
+        _validate_pruning_dim(t, self.dim)
+        channels = t.shape[self.dim]
+        k = _compute_nparams_toprune(self.amount, channels)
+        _validate_pruning_amount(k, channels)
+        if k == 0:
+            return default_mask
+        draws = torch.rand(channels)
+        kept = (draws > torch.kthvalue(draws, k=k).values).nonzero().view(-1)
+        return _channel_mask(t, self.dim, kept, default_mask)
+
+    @classmethod
+    def apply(cls, module, name, amount, dim=-1):
+        """Prune random channels of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of the unpruned channels.
+            dim (int): dimension that indexes the channels. Default: -1.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name, amount=amount, dim=dim)
+
+
+class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
+    """Prunes the channels with the smallest L``n`` norm.
+
+    Args:
+        amount (int or float): channels to prune: a count, or a fraction in
+            [0, 1] of the channels (rounded half to even).
+        n (int, float, inf, -inf, 'fro', 'nuc'): the norm, as ``p`` of
+            :func:`torch.norm`.
+        dim (int): dimension that indexes the channels. Default: -1.
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount, n, dim=-1):
+        _validate_pruning_amount_init(amount)
+        self.amount = amount
+        self.n = n
+        self.dim = dim
+
+    @_honours_torch_replacement(_torch_prune.LnStructured)
+    def compute_mask(self, t, default_mask):
+        """Zero the k channels of ``default_mask`` with the smallest norm of ``t``.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes.
+
+        Returns:
+            torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
+            when nothing is pruned).
+        """
+        _validate_structured_pruning(t)
+        _validate_pruning_dim(t, self.dim)
+        channels = t.shape[self.dim]
+        k = _compute_nparams_toprune(self.amount, channels)
+        keep = channels - k
+        _validate_pruning_amount(k, channels)
+        kept = torch.topk(_compute_norm(t, self.n, self.dim), k=keep, largest=True).indices
+        if k == 0:
+            return default_mask
+        return _channel_mask(t, self.dim, kept, default_mask)
+
+    @classmethod
+    def apply(cls, module, name, amount, n, dim, importance_scores=None):
+        """Prune the smallest-norm channels of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of the unpruned channels.
+            n (int, float, inf, -inf, 'fro', 'nuc'): the norm.
+            dim (int): dimension that indexes the channels.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name, amount=amount, n=n, dim=dim,
+                             importance_scores=importance_scores)
+
+
+class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
+    """Applies a given mask.
+
+    Args:
+        mask (torch.Tensor): the mask (kept as is, not copied).
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    @_honours_torch_replacement(_torch_prune.CustomFromMask)
+    def compute_mask(self, t, default_mask):
+        """Multiply ``default_mask`` by the stored mask.
+
+        Args:
+            t (torch.Tensor): importance scores (unused).
+            default_mask (torch.Tensor): mask of earlier prunes, same shape as
+                the stored mask.
+
+        Returns:
+            torch.Tensor: the product, with ``default_mask``'s dtype.
+        """
+        if default_mask.shape != self.mask.shape:
+            raise AssertionError(
+                f"default_mask shape {default_mask.shape} must match "
+                f"self.mask shape {self.mask.shape}")
+        return default_mask * self.mask.to(dtype=default_mask.dtype)
+
+    @classmethod
+    def apply(cls, module, name, mask):
+        """Prune ``module.<name>`` with a given mask.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            mask (torch.Tensor): the mask, shaped like the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        return super().apply(module, name, mask=mask)
+
+
+_ORIGINAL_COMPUTE_MASK = {
+    cls: (vars(cls)["compute_mask"], twin, vars(twin)["compute_mask"])
+    for cls, twin in ((PruningContainer, _torch_prune.PruningContainer),
+                      (L1Unstructured, _torch_prune.L1Unstructured),
+                      (RandomUnstructured, _torch_prune.RandomUnstructured))
+}
+
+
+def identity(module, name):
+    """Reparametrize ``module.<name>`` with a mask of ones, pruning nothing.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    Identity.apply(module, name)
+    return module
+
+
+def random_unstructured(module, name, amount):
+    """Prune random entries of ``module.<name>``.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of the entries
+            still unpruned.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    RandomUnstructured.apply(module, name, amount)
+    return module
+
+
+def l1_unstructured(module, name, amount, importance_scores=None):
+    """Prune the entries of ``module.<name>`` with the smallest magnitude.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of the entries
+            still unpruned.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    return module
+
+
+def random_structured(module, name, amount, dim):
+    """Prune random channels of ``module.<name>`` along ``dim``.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of the channels
+            still unpruned.
+        dim (int): dimension that indexes the channels.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    RandomStructured.apply(module, name, amount, dim)
+    return module
+
+
+def ln_structured(module, name, amount, n, dim, importance_scores=None):
+    """Prune the channels of ``module.<name>`` with the smallest L``n`` norm.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of the channels
+            still unpruned.
+        n (int, float, inf, -inf, 'fro', 'nuc'): the norm, as ``p`` of
+            :func:`torch.norm`.
+        dim (int): dimension that indexes the channels.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    return module
+
+
+def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs):
+    """Prune several tensors together, ranking all their entries at once.
+
+    The amount counts the entries still unpruned across all the tensors. Each
+    tensor is then pruned with its share of the result through
+    :func:`custom_from_mask`, so each hook holds only its own tensor's mask.
+    All or nothing: if pruning any tensor fails, every module is left as it was.
+
+    Args:
+        parameters (Iterable[tuple[nn.Module, str]]): the ``(module, name)``
+            pairs to prune; any iterable, generators included.
+        pruning_method (type): an ``"unstructured"`` pruning method class of
+            either library, e.g. :class:`L1Unstructured`.
+        importance_scores (dict, optional): maps ``(module, name)`` to scores
+            shaped like that parameter; default: the parameters themselves.
+        **kwargs: arguments of ``pruning_method``, e.g. ``amount``.
+
+    Returns:
+        None
+    """
+    if not isinstance(parameters, Iterable):
+        raise TypeError("global_unstructured(): parameters is not an Iterable")
+    if importance_scores is None:
+        importance_scores = {}
+    if not isinstance(importance_scores, dict):
+        raise TypeError("global_unstructured(): importance_scores must be of type dict")
+    parameters = list(parameters)
+
+    currents, scores, masks = [], [], []
+    for module, name in parameters:
+        current = getattr(module, name)
+        currents.append(current)
+        scores.append(importance_scores.get((module, name), current))
+        masks.append(getattr(module, name + "_mask", None))
+    _check_same_device(scores)
+    masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
+    _check_same_device(masks_or_ones)
+    if not parameters:
+        raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+
+    method = pruning_method(**kwargs)
+    method._tensor_name = "temp"
+    if method.PRUNING_TYPE != "unstructured":
+        raise TypeError(
+            'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
+            f"Found method {pruning_method} of type {method.PRUNING_TYPE}")
+    container = PruningContainer()
+    container._tensor_name = "temp"
+    container.add_pruning_method(method)
+
+    flat_scores = torch.cat([s.detach().reshape(-1) for s in scores])
+    if _kernel_kind(method) is not None and all(mask is None for mask in masks):
+        # All ones: a stride-0 view that the kernel reads in place.
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in currents])
+        total = sum(c.numel() for c in currents)
+        default_mask = torch.ones((), dtype=dtype, device=currents[0].device).expand(total)
+    else:
+        default_mask = torch.cat([
+            (torch.ones_like(current) if mask is None else mask.detach()).reshape(-1)
+            for mask, current in zip(masks, currents)])
+    final = container.compute_mask(flat_scores, default_mask)
+    del flat_scores, default_mask
+
+    # One mask per parameter (copies, so that no hook keeps `final` alive).
+    own_masks, start = [], 0
+    for current in currents:
+        stop = start + current.numel()
+        own = torch.empty_like(current, dtype=final.dtype)
+        own_masks.append(own.copy_(final[start:stop].view(current.shape)))
+        start = stop
+    del final
+    names = {}
+    for module, name in parameters:
+        names.setdefault(id(module), (module, []))[1].append(name)
+    saved = {key: _ModuleSnapshot(module, module_names) for key, (module, module_names) in names.items()}
+    done = []
+    try:
+        for (module, name), own in zip(parameters, own_masks):
+            custom_from_mask(module, name, mask=own)
+            done.append((module, name))
+    except BaseException:
+        # All or nothing: undo the parameters pruned before the failure.
+        for key, snapshot in saved.items():
+            snapshot.restore(reassigned=[name for module, name in done if id(module) == key])
+        raise
+
+
+def _check_same_device(tensors):
+    if any(t.device != tensors[0].device for t in tensors[1:]):
+        raise TypeError("Found two parameters on different devices, this is currently not supported.")
+
+
+def custom_from_mask(module, name, mask):
+    """Prune ``module.<name>`` with a given mask.
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        mask (torch.Tensor): the mask, shaped like the parameter; it is
+            combined with any earlier mask and cast to the mask dtype.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    CustomFromMask.apply(module, name, mask)
+    return module
+
+
+def remove(module, name):
+    """Make the pruning of ``module.<name>`` permanent and drop its hook.
+
+    Args:
+        module (nn.Module): module holding the pruned tensor.
+        name (str): name of the parameter.
+
+    Returns:
+        nn.Module: ``module``, with ``<name>`` a plain Parameter again.
+    """
+    hooks = module._forward_pre_hooks
+    for key, hook in hooks.items():
+        if isinstance(hook, _AnyMethod) and hook._tensor_name == name:
+            hook.remove(module)
+            del hooks[key]
+            return module
+    raise ValueError(
+        f"Parameter '{name}' of module {module} has to be pruned before pruning can be removed")
+
+
+def is_pruned(module):
+    """Whether ``module`` or any submodule has a pruning hook (of either library).
+
+    Args:
+        module (nn.Module): the module to inspect.
+
+    Returns:
+        bool: True if some forward pre-hook is a pruning method.
+    """
+    return any(isinstance(hook, _AnyMethod)
+               for _, sub in module.named_modules()
+               for hook in sub._forward_pre_hooks.values())
+
+
+def _validate_pruning_amount_init(amount):
+    """Check the type and range of an amount, before the tensor is known.
+
+    Args:
+        amount (int or float): a non-negative count, or a fraction in [0, 1].
+
+    Raises:
+        TypeError: if ``amount`` is not a real number.
+        ValueError: if it is a negative integer or a float outside [0, 1].
+    """
+    if not isinstance(amount, numbers.Real):
+        raise TypeError(f"Invalid type for amount: {amount}. Must be int or float.")
+    if isinstance(amount, numbers.Integral):
+        invalid = amount < 0
+    else:
+        invalid = float(amount) > 1.0 or float(amount) < 0.0
+    if invalid:
+        raise ValueError(
+            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer")
+
+
+def _validate_pruning_amount(amount, tensor_size):
+    """Check that an integer amount does not exceed the number of units.
+
+    Args:
+        amount (int or float): the amount (floats always pass).
+        tensor_size (int): number of units (entries or channels) available.
+
+    Raises:
+        ValueError: if ``amount`` is an integer larger than ``tensor_size``.
+    """
+    if isinstance(amount, numbers.Integral) and amount > tensor_size:
+        raise ValueError(
+            f"amount={amount} should be smaller than the number of parameters to prune={tensor_size}")
+
+
+def _validate_structured_pruning(t):
+    """Check that ``t`` has channels, i.e. at least two dimensions.
+
+    Args:
+        t (torch.Tensor): the tensor to prune.
+
+    Raises:
+        ValueError: if ``t`` has fewer than two dimensions.
+    """
+    shape = t.shape
+    if len(shape) <= 1:
+        raise ValueError(
+            "Structured pruning can only be applied to multidimensional tensors. "
+            f"Found tensor of shape {shape} with {len(shape)} dims")
+
+
+def _compute_nparams_toprune(amount, tensor_size):
+    """Number of units to prune.
+
+    Args:
+        amount (int or float): a count (returned as is) or a fraction.
+        tensor_size (int): number of units available.
+
+    Returns:
+        int: ``amount`` if it is an integer, else ``round(amount * tensor_size)``
+        (Python's rounding, half to even).
+    """
+    if isinstance(amount, numbers.Integral):
+        return amount
+    return round(amount * tensor_size)
+
+
+def _validate_pruning_dim(t, dim):
+    """Check that ``dim`` is below the number of dimensions of ``t``.
+
+    Args:
+        t (torch.Tensor): the tensor to prune.
+        dim (int): the channel dimension.
+
+    Raises:
+        IndexError: if ``dim >= t.dim()``.
+    """
+    if dim >= t.dim():
+        raise IndexError(f"Invalid index {dim} for tensor of size {t.shape}")
+
+
+def _compute_norm(t, n, dim):
+    """L``n`` norm of every channel of ``t`` along ``dim``.
+
+    Args:
+        t (torch.Tensor): the tensor.
+        n (int, float, inf, -inf, 'fro', 'nuc'): the norm, as ``p`` of
+            :func:`torch.norm`.
+        dim (int): the channel dimension.
+
+    Returns:
+        torch.Tensor: one norm per channel, shape ``(t.shape[dim],)``.
+    """
+    reduced = list(range(t.dim()))
+    reduced.remove(reduced[dim] if dim < 0 else dim)
+    return torch.norm(t, p=n, dim=reduced)

@@ -1,0 +1,41 @@
+"""The benchmark's quick mode runs end to end, its correctness checks included."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench  # noqa: E402
+
+
+def test_quick_benchmark_runs_and_masks_match(tmp_path):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quick.json").read_text())
+    names = [r["workload"] for r in result["rows"]]
+    assert names == list(bench.WORKLOADS)
+    assert all(r["masks_equal"] for r in result["rows"])
+    assert all(r["torch_s"] > 0 and r["fastprune_s"] > 0 for r in result["rows"])
+    assert (tmp_path / "quick.md").read_text().count("\n") >= len(names) + 3
+    assert (tmp_path / "quick.png").stat().st_size > 0
+
+
+def test_mismatch_is_reported_not_skipped(tmp_path, monkeypatch):
+    """A fastprune mask that differs from the reference makes the run fail loudly."""
+    real = bench.SIDES["fastprune"].l1_unstructured
+
+    def wrong(module, name, amount, importance_scores=None):
+        real(module, name, amount=amount, importance_scores=importance_scores)
+        getattr(module, name + "_mask").view(-1)[:1] = 1 - getattr(module, name + "_mask").view(-1)[:1]
+        return module
+
+    monkeypatch.setattr(bench.SIDES["fastprune"], "l1_unstructured", wrong)
+    assert bench.main(["--quick", "--no-sweep", "--workloads", "l1_unstructured", "--out", str(tmp_path)]) == 1
+    row = json.loads((tmp_path / "quick.json").read_text())["rows"][0]
+    assert row["masks_equal"] is False
+
+
+@pytest.mark.parametrize("n", [0, 5])
+def test_tie_free_inputs_have_distinct_magnitudes(n):
+    t = bench.tie_free((n, 3))
+    assert t.abs().unique().numel() == t.numel()
