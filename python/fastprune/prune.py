@@ -385,16 +385,25 @@ def _container_kernel_kind(container, t, mask):
     return _kernel_kind(container._pruning_methods[-1])
 
 
+def _unpruned_mask(orig, scores):
+    """All ones shaped like ``orig``, for a kernel: a stride-0 view of a single
+    one where the result's layout (the scores') is ``ones_like(orig)``'s too."""
+    if orig.numel() > 1 and orig.is_contiguous() and scores.is_contiguous():
+        return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
+    return torch.ones_like(orig)
+
+
 def _first_mask(method, orig, scores):
     """Default mask of a first prune: ``torch.ones_like(orig)``.
 
     Our unstructured methods get a stride-0 view of a single one instead (the
     kernel reads it in place and returns a fresh mask in the scores' format,
-    which for contiguous tensors is the format of ``ones_like(orig)``).
+    which for contiguous tensors is the format of ``ones_like(orig)``), and so
+    does our CustomFromMask (``ones * mask`` is then a plain copy of the mask).
     """
-    if (_kernel_kind(method) is not None and orig.numel() > 1
-            and orig.is_contiguous() and scores.is_contiguous()):
-        return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
+    plain_custom = type(method) is CustomFromMask and _unpatched(CustomFromMask)
+    if _kernel_kind(method) is not None or plain_custom:
+        return _unpruned_mask(orig, scores)
     return torch.ones_like(orig)
 
 
@@ -861,7 +870,8 @@ _ORIGINAL_COMPUTE_MASK = {
     cls: (vars(cls)["compute_mask"], twin, vars(twin)["compute_mask"])
     for cls, twin in ((PruningContainer, _torch_prune.PruningContainer),
                       (L1Unstructured, _torch_prune.L1Unstructured),
-                      (RandomUnstructured, _torch_prune.RandomUnstructured))
+                      (RandomUnstructured, _torch_prune.RandomUnstructured),
+                      (CustomFromMask, _torch_prune.CustomFromMask))
 }
 
 
@@ -985,6 +995,13 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         currents.append(current)
         scores.append(importance_scores.get((module, name), current))
         masks.append(getattr(module, name + "_mask", None))
+    for (module, name), score, current in zip(parameters, scores, currents):
+        if score.shape != current.shape:
+            # The reference does not check: it fails later with an IndexError,
+            # or silently misaligns the scores when the total size agrees.
+            raise IndexError(
+                f"global_unstructured(): importance_scores for parameter {name} of {module} "
+                f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
     _check_same_device(scores)
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
@@ -1001,41 +1018,103 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     container._tensor_name = "temp"
     container.add_pruning_method(method)
 
-    flat_scores = torch.cat([s.detach().reshape(-1) for s in scores])
-    if _kernel_kind(method) is not None and all(mask is None for mask in masks):
-        # All ones: a stride-0 view that the kernel reads in place.
-        dtype = functools.reduce(torch.promote_types, [c.dtype for c in currents])
-        total = sum(c.numel() for c in currents)
-        default_mask = torch.ones((), dtype=dtype, device=currents[0].device).expand(total)
+    kind = _kernel_kind(method)
+    if kind is not None:
+        own_masks = _global_kernel_masks(kind, method.amount, currents, scores, masks)
     else:
-        default_mask = torch.cat([
-            (torch.ones_like(current) if mask is None else mask.detach()).reshape(-1)
-            for mask, current in zip(masks, currents)])
-    final = container.compute_mask(flat_scores, default_mask)
-    del flat_scores, default_mask
-
-    # One mask per parameter (copies, so that no hook keeps `final` alive).
-    own_masks, start = [], 0
-    for current in currents:
-        stop = start + current.numel()
-        own = torch.empty_like(current, dtype=final.dtype)
-        own_masks.append(own.copy_(final[start:stop].view(current.shape)))
-        start = stop
-    del final
+        own_masks = _global_reference_masks(container, currents, scores, masks)
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
     saved = {key: _ModuleSnapshot(module, module_names) for key, (module, module_names) in names.items()}
     done = []
     try:
-        for (module, name), own in zip(parameters, own_masks):
-            custom_from_mask(module, name, mask=own)
+        for i, (module, name) in enumerate(parameters):
+            custom_from_mask(module, name, mask=own_masks[i])
+            own_masks[i] = None
+            if masks[i] is None:
+                _share_first_mask(module, name)
             done.append((module, name))
     except BaseException:
         # All or nothing: undo the parameters pruned before the failure.
         for key, snapshot in saved.items():
             snapshot.restore(reassigned=[name for module, name in done if id(module) == key])
         raise
+
+
+def _share_first_mask(module, name):
+    """After a first prune by :class:`CustomFromMask`, let its hook hold the
+    buffer itself: the buffer is ``1 * hook.mask``, the same values, so a
+    second copy of the mask need not stay alive."""
+    hook = next(hook for hook in module._forward_pre_hooks.values()
+                if isinstance(hook, _AnyMethod) and hook._tensor_name == name)
+    buffer = getattr(module, name + "_mask")
+    if type(hook) is CustomFromMask and hook.mask.dtype == buffer.dtype:
+        hook.mask = buffer
+
+
+def _promoted_scores(scores):
+    """The scores as ``torch.cat`` would promote them, one tensor each, uncopied where possible."""
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores])
+    return [s.detach().to(dtype) for s in scores], dtype
+
+
+def _global_kernel_masks(kind, amount, currents, scores, masks):
+    """Global L1/random masks, one per parameter, without concatenating anything.
+
+    Candidates are the entries still at 1 (all entries of unpruned parameters,
+    read through a stride-0 view of a single one). L1 ranks ``|score|`` across
+    all parameters with one multi-tensor select; random draws one number per
+    candidate in concatenation order, exactly as the reference, and prunes the
+    k largest draws.
+    """
+    scores, dtype = _promoted_scores(scores)
+    olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
+    if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
+        # The kernel computes round(amount * candidates) exactly as Python does.
+        new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
+                                            fraction=amount, only_ones=True)
+        return [m.to(dtype) for m in new]
+    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
+    unknown = any(n is None for n in counts)  # meta tensors
+    n = None if unknown else sum(counts)
+    k = amount if unknown else _compute_nparams_toprune(amount, n)
+    if not unknown:
+        _validate_pruning_amount(k, n)
+    _check_count(k)
+    if kind == "l1":
+        new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
+                                            count=k, only_ones=True)
+        return [m.to(dtype) for m in new]
+    new = [m.to(dtype, copy=True) for m in olds]
+    if unknown or k == 0:
+        return new
+    draws = torch.rand(n, dtype=dtype, device=scores[0].device)
+    ones = torch.ones((), dtype=dtype, device=draws.device).expand(n)
+    kept = _select(draws, ones, count=k, largest=True)
+    start = 0
+    for mask, old, count in zip(new, olds, counts):
+        mask[old == 1] = kept[start:start + count]
+        start += count
+    return new
+
+
+def _global_reference_masks(container, currents, scores, masks):
+    """The reference algorithm (any unstructured method): one concatenated mask,
+    split into one copy per parameter so that no hook keeps the whole."""
+    flat_scores = torch.cat([s.detach().reshape(-1) for s in scores])
+    default_mask = torch.cat([
+        (torch.ones_like(current) if mask is None else mask.detach()).reshape(-1)
+        for mask, current in zip(masks, currents)])
+    final = container.compute_mask(flat_scores, default_mask)
+    del flat_scores, default_mask
+    own_masks, start = [], 0
+    for current in currents:
+        stop = start + current.numel()
+        own = torch.empty_like(current, dtype=final.dtype)
+        own_masks.append(own.copy_(final[start:stop].view(current.shape)))
+        start = stop
+    return own_masks
 
 
 def _check_same_device(tensors):
