@@ -692,12 +692,13 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         return super().apply(module, name, amount=amount, importance_scores=importance_scores)
 
 
-def _channel_mask(t, dim, kept, default_mask):
-    """Mask of ``t``'s dtype and format: channels ``kept`` along ``dim``, times ``default_mask``."""
-    mask = torch.zeros_like(t)
-    mask.index_fill_(dim, kept.to(mask.device), 1)
-    mask *= default_mask.to(dtype=mask.dtype)
-    return mask
+def _channel_mask(t, dim, keep, default_mask):
+    """Mask of ``t``'s dtype and format: ``default_mask`` times ``keep[channel]``
+    along ``dim`` (``keep``: one 0/1 per channel), written in one pass."""
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    keep = keep.to(device=t.device, dtype=t.dtype).view(shape)
+    return torch.mul(default_mask.to(dtype=t.dtype), keep, out=torch.empty_like(t))
 
 
 class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
@@ -740,8 +741,7 @@ class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
         if k == 0:
             return default_mask
         draws = torch.rand(channels)
-        kept = (draws > torch.kthvalue(draws, k=k).values).nonzero().view(-1)
-        return _channel_mask(t, self.dim, kept, default_mask)
+        return _channel_mask(t, self.dim, draws > torch.kthvalue(draws, k=k).values, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, dim=-1):
@@ -794,12 +794,14 @@ class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
         _validate_pruning_dim(t, self.dim)
         channels = t.shape[self.dim]
         k = _compute_nparams_toprune(self.amount, channels)
-        keep = channels - k
         _validate_pruning_amount(k, channels)
-        kept = torch.topk(_compute_norm(t, self.n, self.dim), k=keep, largest=True).indices
+        norms = _compute_norm(t, self.n, self.dim)
         if k == 0:
             return default_mask
-        return _channel_mask(t, self.dim, kept, default_mask)
+        # The k smallest norms go, ties to the lower channel index (NaN last).
+        keep = ops.unstructured_mask(norms.detach(), torch.ones((), dtype=t.dtype, device=norms.device).expand(channels),
+                                     count=k)
+        return _channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, n, dim, importance_scores=None):
