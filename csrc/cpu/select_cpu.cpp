@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "../common/operands.h"
 #include "../common/select.h"
 
 namespace fastprune {
@@ -298,61 +299,15 @@ class UnstructuredSelect {
   std::vector<int64_t> candidates_;
 };
 
-bool is_broadcast_scalar(const at::Tensor& t) {
-  if (t.numel() <= 1) return false;
-  for (int64_t s : t.strides()) {
-    if (s != 0) return false;
-  }
-  return true;
-}
-
-// The tensors one segment needs kept alive, and the result to return.
-struct Operand {
-  at::Tensor scores;  // contiguous
-  at::Tensor mask;    // contiguous or broadcast
-  at::Tensor out;     // returned: the mask's dtype and memory format
-  at::Tensor dst;     // contiguous buffer written (out itself when contiguous)
-};
-
-Operand make_operand(const at::Tensor& scores, const at::Tensor& mask) {
-  TORCH_CHECK(
-      scores.sizes() == mask.sizes(),
-      "fastprune: scores and mask must have the same shape, got ",
-      scores.sizes(), " vs ", mask.sizes());
-  TORCH_CHECK(
-      at::isFloatingType(scores.scalar_type()),
-      "fastprune: scores must be a floating point tensor, got ",
-      scores.scalar_type());
-  TORCH_CHECK(
-      scores.device() == mask.device(),
-      "fastprune: scores and mask must be on the same device, got ",
-      scores.device(), " and ", mask.device());
-  // Same memory format as the mask (what clone/ones_like would give); a
-  // broadcast mask follows the scores instead.
-  const bool broadcast = is_broadcast_scalar(mask);
-  Operand op;
-  op.out = broadcast ? at::empty_like(scores, mask.options()) : at::empty_like(mask);
-  op.scores = scores.contiguous();
-  op.mask = broadcast ? mask : mask.contiguous();
-  op.dst = op.out.is_contiguous() ? op.out : at::empty(op.out.sizes(), op.out.options());
-  advise_huge_pages(op.dst);
-  return op;
-}
-
 std::vector<at::Tensor> select_masks(
     std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
     bool largest) {
-  TORCH_CHECK(
-      fraction >= 0.0 && fraction <= 1.0,
-      "fastprune: fraction must lie in [0, 1], got ", fraction);
+  check_operands(ops, fraction);
   std::vector<Segment> segs;
   int64_t begin = 0;
   for (const Operand& op : ops) {
-    TORCH_CHECK(
-        op.scores.scalar_type() == ops[0].scores.scalar_type(),
-        "fastprune: all scores must have one dtype, got ",
-        ops[0].scores.scalar_type(), " and ", op.scores.scalar_type());
     if (op.scores.numel() == 0) continue;
+    advise_huge_pages(op.dst);
     segs.push_back(Segment{
         op.scores.const_data_ptr(), op.mask.const_data_ptr(),
         is_broadcast_scalar(op.mask), op.dst.mutable_data_ptr(),
@@ -366,34 +321,19 @@ std::vector<at::Tensor> select_masks(
               .run(count, fraction);
         });
   }
-  std::vector<at::Tensor> outs;
-  for (Operand& op : ops) {
-    if (!op.dst.is_same(op.out)) op.out.copy_(op.dst);
-    outs.push_back(std::move(op.out));
-  }
-  return outs;
+  return take_outputs(ops);
 }
 
 at::Tensor unstructured_mask_cpu(
     const at::Tensor& scores, const at::Tensor& mask, int64_t count,
     double fraction, bool only_ones, bool largest) {
-  std::vector<Operand> ops;
-  ops.push_back(make_operand(scores, mask));
-  return select_masks(std::move(ops), count, fraction, only_ones, largest)[0];
+  return select_masks({make_operand(scores, mask)}, count, fraction, only_ones, largest)[0];
 }
 
 std::vector<at::Tensor> global_unstructured_masks_cpu(
     at::TensorList scores, at::TensorList masks, int64_t count,
     double fraction, bool only_ones, bool largest) {
-  TORCH_CHECK(
-      scores.size() == masks.size(),
-      "global_unstructured_masks: got ", scores.size(), " score tensors and ",
-      masks.size(), " masks");
-  std::vector<Operand> ops;
-  for (size_t i = 0; i < scores.size(); ++i) {
-    ops.push_back(make_operand(scores[i], masks[i]));
-  }
-  return select_masks(std::move(ops), count, fraction, only_ones, largest);
+  return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
 }
 
 }  // namespace

@@ -1,0 +1,93 @@
+// Host-side argument handling shared by the CPU and CUDA select kernels:
+// validation, the result's layout, and the contiguous buffers the kernels read
+// and write.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fastprune {
+
+// A stride-0 expand of one value over every entry (read without materializing).
+inline bool is_broadcast_scalar(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  for (int64_t s : t.strides()) {
+    if (s != 0) return false;
+  }
+  return true;
+}
+
+// One tensor of a select: the tensors it needs kept alive, and the result.
+struct Operand {
+  at::Tensor scores;  // contiguous
+  at::Tensor mask;    // contiguous or broadcast
+  at::Tensor out;     // returned: the mask's dtype and memory format
+  at::Tensor dst;     // contiguous buffer written (out itself when contiguous)
+};
+
+inline Operand make_operand(const at::Tensor& scores, const at::Tensor& mask) {
+  TORCH_CHECK(
+      scores.sizes() == mask.sizes(),
+      "fastprune: scores and mask must have the same shape, got ",
+      scores.sizes(), " vs ", mask.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(scores.scalar_type()),
+      "fastprune: scores must be a floating point tensor, got ",
+      scores.scalar_type());
+  TORCH_CHECK(
+      scores.device() == mask.device(),
+      "fastprune: scores and mask must be on the same device, got ",
+      scores.device(), " and ", mask.device());
+  // Same memory format as the mask (what clone/ones_like would give); a
+  // broadcast mask follows the scores instead.
+  const bool broadcast = is_broadcast_scalar(mask);
+  Operand op;
+  op.out = broadcast ? at::empty_like(scores, mask.options()) : at::empty_like(mask);
+  op.scores = scores.contiguous();
+  op.mask = broadcast ? mask : mask.contiguous();
+  op.dst = op.out.is_contiguous() ? op.out : at::empty(op.out.sizes(), op.out.options());
+  return op;
+}
+
+inline std::vector<Operand> make_operands(
+    at::TensorList scores, at::TensorList masks) {
+  TORCH_CHECK(
+      scores.size() == masks.size(),
+      "global_unstructured_masks: got ", scores.size(), " score tensors and ",
+      masks.size(), " masks");
+  std::vector<Operand> ops;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    ops.push_back(make_operand(scores[i], masks[i]));
+  }
+  return ops;
+}
+
+// Checks what all tensors of one select must share.
+inline void check_operands(const std::vector<Operand>& ops, double fraction) {
+  TORCH_CHECK(
+      fraction >= 0.0 && fraction <= 1.0,
+      "fastprune: fraction must lie in [0, 1], got ", fraction);
+  for (const Operand& op : ops) {
+    TORCH_CHECK(
+        op.scores.scalar_type() == ops[0].scores.scalar_type(),
+        "fastprune: all scores must have one dtype, got ",
+        ops[0].scores.scalar_type(), " and ", op.scores.scalar_type());
+    TORCH_CHECK(
+        op.scores.device() == ops[0].scores.device(),
+        "fastprune: all tensors must be on one device, got ",
+        ops[0].scores.device(), " and ", op.scores.device());
+  }
+}
+
+// The results, copied into their memory format where that is not contiguous.
+inline std::vector<at::Tensor> take_outputs(std::vector<Operand>& ops) {
+  std::vector<at::Tensor> outs;
+  for (Operand& op : ops) {
+    if (!op.dst.is_same(op.out)) op.out.copy_(op.dst);
+    outs.push_back(std::move(op.out));
+  }
+  return outs;
+}
+
+}  // namespace fastprune

@@ -1,0 +1,419 @@
+// CUDA kernels of the unstructured (magnitude / random-draw) select: the same
+// results, bit for bit, as csrc/cpu/select_cpu.cpp, through the key, rounding,
+// tie-quota and keep-or-zero logic of csrc/common/select.h.
+//
+// Radix select on the keys, never a sort, with 11-bit digits (2 histogram
+// passes for 16-bit keys, 3 for fp32, 6 for fp64): each block counts its
+// elements in a 2048-bin shared-memory histogram (fast shared atomics; a
+// 65536-bin one would not fit in shared memory, and global atomics on the few
+// hot bins of weight-like data serialize) and adds it into one 64-bit global
+// histogram. The restriction to mask == 1 and the filter by the digits found so
+// far are read inside the histogram kernel; nothing is gathered. After each
+// pass the histogram (16 KiB) is copied to the host, which finds the
+// threshold's bin with find_bucket: one host sync per digit pass (the first is
+// needed anyway, to raise the ValueError when k exceeds the candidates).
+//
+// Several tensors go through the same launches: each is cut into tiles of
+// kTile elements that never straddle two tensors, numbered in concatenation
+// order, and a device table of segment descriptors (pointers, length, first
+// tile) lets each block find its tensor.
+//
+// Tie rule. Candidates below the threshold key are pruned, and of those equal
+// to it the first `need` in flat order. When that is none or all of them
+// (always so on tie-free data) each element is decided on its own. Otherwise
+// one more pass counts the ties of every tile, a cumsum over tiles gives each
+// tile its quota (tie_quota), and the one tile whose quota is partial ranks its
+// ties in flat order with a block scan.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "../common/operands.h"
+#include "../common/select.h"
+
+namespace fastprune {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 16;  // elements per thread and tile
+constexpr int64_t kTile = kThreads * kItems;
+constexpr int kRadixBits = 11;
+constexpr int kRadixBins = 1 << kRadixBits;
+
+// The 11-bit digits of a key, counted from the most significant; the last one
+// is narrower when 11 does not divide the key width.
+template <typename key_t>
+struct Radix {
+  static constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
+  static constexpr int kPasses = (kKeyBits + kRadixBits - 1) / kRadixBits;
+
+  // The lowest key bit of digit d.
+  C10_HOST_DEVICE static int shift(int d) {
+    const int s = kKeyBits - kRadixBits * (d + 1);
+    return s > 0 ? s : 0;
+  }
+
+  C10_HOST_DEVICE static uint32_t digit(key_t key, int d) {
+    const int width = kKeyBits - kRadixBits * d - shift(d);
+    return static_cast<uint32_t>(key >> shift(d)) & ((1u << width) - 1);
+  }
+
+  // The bits of a key above digit d (those the earlier digits fixed).
+  C10_HOST_DEVICE static key_t prefix_mask(int d) {
+    return d == 0 ? key_t{0}
+                  : static_cast<key_t>(static_cast<key_t>(~key_t{0}) << (kKeyBits - kRadixBits * d));
+  }
+};
+
+// One tensor of a select over one or several tensors, flattened row-major; as
+// stored in the device table.
+struct Segment {
+  const void* scores;  // contiguous score_t
+  const void* mask;    // contiguous, or a single value when `broadcast`
+  void* out;           // contiguous, the mask's dtype
+  int64_t numel;
+  int64_t first_tile;  // its tiles are first_tile, first_tile + 1, ...
+  uint64_t one;        // the bits of the value 1 in the mask's dtype
+  int mask_size;       // bytes per mask element: 1, 2, 4 or 8
+  bool broadcast;
+};
+
+// The elements [lo, hi) of segment `seg` that form one tile.
+struct Tile {
+  const Segment* seg;
+  int64_t lo;
+  int64_t hi;
+};
+
+__device__ Tile tile_at(const Segment* segs, int nsegs, int64_t t) {
+  int a = 0, b = nsegs - 1;  // the last segment whose first tile is <= t
+  while (a < b) {
+    const int mid = (a + b + 1) / 2;
+    if (segs[mid].first_tile <= t) {
+      a = mid;
+    } else {
+      b = mid - 1;
+    }
+  }
+  const int64_t lo = (t - segs[a].first_tile) * kTile;
+  return {segs + a, lo, lo + kTile < segs[a].numel ? lo + kTile : segs[a].numel};
+}
+
+// Calls f(valid, i, cand, key, v, out) for this thread's kItems elements of
+// the tile, i = lo + r * kThreads + threadIdx.x for r = 0, 1, ... (so the calls
+// of a block, round by round and thread by thread, go in flat order). The mask
+// is read as raw bits (v) of its size, and out typed alike: an entry is a
+// candidate when not only_ones or when its bits are those of 1 (the same test
+// as mask == 1 in every mask dtype: only 0 has two encodings). Threads past
+// the tile's end are called too (valid false, not a candidate), so that f may
+// hold block-wide steps. The mask is read only when read_mask (which
+// only_ones needs; else v is 0). All loads are issued before the first call,
+// to keep many in flight.
+template <typename bits_t, typename score_t, typename F>
+__device__ void for_each_element_as(
+    const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
+  using key_t = typename KeyOf<score_t>::type;
+  const Segment& seg = *tile.seg;
+  const auto* scores = static_cast<const score_t*>(seg.scores);
+  const auto* mask = static_cast<const bits_t*>(seg.mask);
+  auto* out = static_cast<bits_t*>(seg.out);
+  const auto one = static_cast<bits_t>(seg.one);
+  const int64_t first = tile.lo + threadIdx.x;
+  bits_t v[kItems];
+  score_t s[kItems];
+#pragma unroll
+  for (int r = 0; r < kItems; ++r) {
+    const int64_t i = first + r * kThreads;
+    v[r] = 0;
+    if (i < tile.hi) {
+      if (read_mask) v[r] = mask[seg.broadcast ? 0 : i];
+      s[r] = scores[i];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kItems; ++r) {
+    const int64_t i = first + r * kThreads;
+    const bool valid = i < tile.hi;
+    const bool cand = valid && (!only_ones || v[r] == one);
+    const key_t key = valid ? magnitude_key(s[r], largest) : key_t{0};
+    f(valid, i, cand, key, v[r], out);
+  }
+}
+
+template <typename score_t, typename F>
+__device__ void for_each_element(
+    const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
+  switch (tile.seg->mask_size) {
+    case 1:
+      return for_each_element_as<uint8_t, score_t>(tile, only_ones, largest, read_mask, f);
+    case 2:
+      return for_each_element_as<uint16_t, score_t>(tile, only_ones, largest, read_mask, f);
+    case 4:
+      return for_each_element_as<uint32_t, score_t>(tile, only_ones, largest, read_mask, f);
+    default:
+      return for_each_element_as<uint64_t, score_t>(tile, only_ones, largest, read_mask, f);
+  }
+}
+
+// Adds to hist (kRadixBins 64-bit counts) the histogram of digit `pass` over
+// the candidates whose earlier digits equal `prefix`. Blocks stride over the
+// tiles; the host keeps each block under 2^32 elements, so the shared 32-bit
+// counts cannot overflow.
+template <typename score_t>
+__global__ void histogram_kernel(
+    const Segment* segs, int nsegs, int64_t ntiles, int pass,
+    typename KeyOf<score_t>::type prefix, bool only_ones, bool largest,
+    int64_t* hist) {
+  using key_t = typename KeyOf<score_t>::type;
+  __shared__ uint32_t bins[kRadixBins];
+  for (int b = threadIdx.x; b < kRadixBins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  const key_t pmask = Radix<key_t>::prefix_mask(pass);
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    for_each_element<score_t>(
+        tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/only_ones,
+        [&](bool, int64_t, bool cand, key_t key, auto, auto*) {
+          if (cand && (key & pmask) == prefix) {
+            atomicAdd(&bins[Radix<key_t>::digit(key, pass)], 1u);
+          }
+        });
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kRadixBins; b += kThreads) {
+    if (bins[b] != 0) {
+      atomicAdd(
+          reinterpret_cast<unsigned long long*>(hist) + b,
+          static_cast<unsigned long long>(bins[b]));
+    }
+  }
+}
+
+// ties[t] = the candidates of tile t (one block each) whose key is thr.
+template <typename score_t>
+__global__ void count_ties_kernel(
+    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
+    bool only_ones, bool largest, int64_t* ties) {
+  using key_t = typename KeyOf<score_t>::type;
+  using BlockReduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  int n = 0;
+  for_each_element<score_t>(
+      tile_at(segs, nsegs, blockIdx.x), only_ones, largest, /*read_mask=*/only_ones,
+      [&](bool, int64_t, bool cand, key_t key, auto, auto*) { n += cand && key == thr; });
+  const int total = BlockReduce(temp).Sum(n);
+  if (threadIdx.x == 0) ties[blockIdx.x] = total;
+}
+
+// The write pass, one block per tile: out = mask, except candidates with key <
+// thr and the first `need` candidates with key == thr in flat order, which get
+// 0. `ties` and its inclusive cumsum `ties_end` are the per-tile tie counts;
+// null when `need` is 0 or all of the ties.
+template <typename score_t>
+__global__ void write_kernel(
+    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
+    int64_t need, const int64_t* ties, const int64_t* ties_end, bool only_ones,
+    bool largest) {
+  using key_t = typename KeyOf<score_t>::type;
+  using BlockScan = cub::BlockScan<int, kThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  const int64_t t = blockIdx.x;
+  int64_t quota = need;  // this tile's share of the ties to prune
+  bool ranked = false;   // a partial share (one tile at most): rank the ties
+  if (ties != nullptr) {
+    quota = tie_quota(need, ties_end[t] - ties[t], ties[t]);
+    ranked = quota > 0 && quota < ties[t];
+  }
+  int64_t seen = 0;  // ties in the earlier rounds of a ranked tile
+  for_each_element<score_t>(
+      tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/true,
+      [&](bool valid, int64_t i, bool cand, key_t key, auto v, auto* out) {
+        const bool tie = cand && key == thr;
+        bool cut = cand && key < thr;
+        if (ranked) {  // block-uniform, so every thread joins the scan
+          int before = 0, round_ties = 0;
+          BlockScan(temp).ExclusiveSum(static_cast<int>(tie), before, round_ties);
+          __syncthreads();  // temp is reused by the next round
+          cut = cut || (tie && seen + before < quota);
+          seen += round_ties;
+        } else {
+          cut = cut || (tie && quota > 0);
+        }
+        if (valid) out[i] = keep_or_zero(v, !cut);
+      });
+}
+
+template <typename score_t>
+class UnstructuredSelect {
+  using key_t = typename KeyOf<score_t>::type;
+  using Digits = Radix<key_t>;
+  // Each histogram block counts at most this many tiles (2^31 elements).
+  static constexpr int64_t kMaxTilesPerBlock = (int64_t{1} << 31) / kTile;
+
+ public:
+  UnstructuredSelect(
+      const at::Tensor& table, int nsegs, int64_t ntiles, bool only_ones,
+      bool largest)
+      : segs_(static_cast<const Segment*>(table.const_data_ptr())),
+        nsegs_(nsegs), ntiles_(ntiles), only_ones_(only_ones), largest_(largest),
+        stream_(c10::cuda::getCurrentCUDAStream()),
+        hist_(at::empty({kRadixBins}, table.options().dtype(at::kLong))),
+        total_(at::zeros({kRadixBins}, at::kLong)) {
+    TORCH_CHECK(
+        ntiles <= std::numeric_limits<int32_t>::max(),
+        "fastprune: too many elements for one select, got ", ntiles * kTile);
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(
+        &sms, cudaDevAttrMultiProcessorCount, table.device().index()));
+    hist_blocks_ = std::max(
+        std::min<int64_t>(ntiles, int64_t{8} * sms),
+        (ntiles + kMaxTilesPerBlock - 1) / kMaxTilesPerBlock);
+  }
+
+  // Prunes k = count (or round(fraction * candidates) when count < 0).
+  void run(int64_t count, double fraction) {
+    histogram(0, 0);
+    const int64_t* total = total_.const_data_ptr<int64_t>();
+    const int64_t n = std::accumulate(total, total + kRadixBins, int64_t{0});
+    const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
+    TORCH_CHECK_VALUE(
+        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
+        " candidates");
+    if (k == 0) {
+      write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
+      return;
+    }
+    int64_t rank = k;  // the k-th smallest key is the threshold
+    key_t prefix = 0;
+    for (int d = 0;; ++d) {
+      if (d > 0) histogram(d, prefix);
+      const Bucket b = find_bucket(total, rank);
+      rank -= b.below;
+      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
+      if (d + 1 == Digits::kPasses) {
+        write(prefix, rank, b.bin);
+        return;
+      }
+    }
+  }
+
+ private:
+  // Histogram of digit d over the candidates whose higher digits equal
+  // `prefix`, into total_ on the host.
+  void histogram(int d, key_t prefix) {
+    if (ntiles_ == 0) return;  // total_ stays all zero
+    hist_.zero_();
+    histogram_kernel<score_t><<<static_cast<unsigned>(hist_blocks_), kThreads, 0, stream_>>>(
+        segs_, nsegs_, ntiles_, d, prefix, only_ones_, largest_,
+        hist_.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    total_.copy_(hist_);  // the pass's one host sync
+  }
+
+  // Candidates with key < thr are pruned, and of those with key == thr (the
+  // last histogram's `bin`) the first `need` in flat order.
+  void write(key_t thr, int64_t need, uint32_t bin) {
+    if (ntiles_ == 0) return;
+    at::Tensor ties, ties_end;
+    if (need > 0 && need < total_.const_data_ptr<int64_t>()[bin]) {
+      ties = at::empty({ntiles_}, hist_.options());
+      count_ties_kernel<score_t><<<static_cast<unsigned>(ntiles_), kThreads, 0, stream_>>>(
+          segs_, nsegs_, thr, only_ones_, largest_, ties.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ties_end = ties.cumsum(0);
+    }
+    write_kernel<score_t><<<static_cast<unsigned>(ntiles_), kThreads, 0, stream_>>>(
+        segs_, nsegs_, thr, need,
+        ties.defined() ? ties.const_data_ptr<int64_t>() : nullptr,
+        ties_end.defined() ? ties_end.const_data_ptr<int64_t>() : nullptr,
+        only_ones_, largest_);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  const Segment* segs_;
+  int nsegs_;
+  int64_t ntiles_;
+  bool only_ones_;
+  bool largest_;
+  cudaStream_t stream_;
+  int64_t hist_blocks_ = 0;
+  at::Tensor hist_;   // device, kRadixBins
+  at::Tensor total_;  // host copy of the last histogram
+};
+
+// The bits of the value 1 in a mask dtype (the dtypes the CPU kernel takes).
+uint64_t one_bits(at::ScalarType type) {
+  uint64_t bits = 0;
+  AT_DISPATCH_ALL_TYPES_AND3(
+      at::kHalf, at::kBFloat16, at::kBool, type, "fastprune_select", [&] {
+        const scalar_t one(1);
+        std::memcpy(&bits, &one, sizeof(one));
+      });
+  return bits;
+}
+
+std::vector<at::Tensor> select_masks(
+    std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
+    bool largest) {
+  check_operands(ops, fraction);
+  std::vector<Segment> segs;
+  int64_t ntiles = 0;
+  for (const Operand& op : ops) {
+    if (op.scores.numel() == 0) continue;
+    segs.push_back(Segment{
+        op.scores.const_data_ptr(), op.mask.const_data_ptr(),
+        op.dst.mutable_data_ptr(), op.scores.numel(), ntiles,
+        one_bits(op.mask.scalar_type()),
+        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask)});
+    ntiles += (op.scores.numel() + kTile - 1) / kTile;
+  }
+  if (!ops.empty()) {
+    const at::Device device = ops[0].scores.device();
+    c10::cuda::CUDAGuard guard(device);
+    // The segment table, copied from pinned memory without a host sync.
+    at::Tensor host = at::empty(
+        {static_cast<int64_t>(segs.size() * sizeof(Segment))},
+        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    if (!segs.empty()) std::memcpy(host.mutable_data_ptr(), segs.data(), host.numel());
+    const at::Tensor table = host.to(device, /*non_blocking=*/true);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
+          UnstructuredSelect<scalar_t>(
+              table, static_cast<int>(segs.size()), ntiles, only_ones, largest)
+              .run(count, fraction);
+        });
+  }
+  return take_outputs(ops);
+}
+
+at::Tensor unstructured_mask_cuda(
+    const at::Tensor& scores, const at::Tensor& mask, int64_t count,
+    double fraction, bool only_ones, bool largest) {
+  return select_masks({make_operand(scores, mask)}, count, fraction, only_ones, largest)[0];
+}
+
+std::vector<at::Tensor> global_unstructured_masks_cuda(
+    at::TensorList scores, at::TensorList masks, int64_t count,
+    double fraction, bool only_ones, bool largest) {
+  return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
+  m.impl("unstructured_mask", &unstructured_mask_cuda);
+  m.impl("global_unstructured_masks", &global_unstructured_masks_cuda);
+}
+
+}  // namespace fastprune
