@@ -4,7 +4,7 @@
 //
 // Ordering. Every score maps to an unsigned key of its own width whose order
 // is the order of |score|, with NaN above +inf (as torch.topk orders NaN);
-// -0.0 and +0.0 share a key. In `largest` mode the key is mirrored so that the
+// -0.0 and +0.0 share a key, and so do all NaNs. In `largest` mode the key is mirrored so that the
 // largest |score| gets the smallest key. The select always prunes the k
 // smallest keys.
 //
@@ -27,13 +27,13 @@ namespace fastprune {
 template <typename scalar_t>
 struct KeyOf;
 template <>
-struct KeyOf<c10::Half> { using type = uint16_t; };
+struct KeyOf<c10::Half> { using type = uint16_t; static constexpr type kInf = 0x7C00; };
 template <>
-struct KeyOf<c10::BFloat16> { using type = uint16_t; };
+struct KeyOf<c10::BFloat16> { using type = uint16_t; static constexpr type kInf = 0x7F80; };
 template <>
-struct KeyOf<float> { using type = uint32_t; };
+struct KeyOf<float> { using type = uint32_t; static constexpr type kInf = 0x7F800000u; };
 template <>
-struct KeyOf<double> { using type = uint64_t; };
+struct KeyOf<double> { using type = uint64_t; static constexpr type kInf = 0x7FF0000000000000ull; };
 
 // Bits per radix digit and bins per histogram.
 constexpr int kDigitBits = 16;
@@ -54,6 +54,9 @@ C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
   key_t bits;
   memcpy(&bits, &v, sizeof(bits));
   bits &= kAbs;
+  // Every NaN, whatever its payload, gets the one key just above +inf.
+  constexpr key_t kNan = KeyOf<scalar_t>::kInf + 1;
+  bits = bits < kNan ? bits : kNan;
   return largest ? static_cast<key_t>(kAbs - bits) : bits;
 }
 

@@ -64,6 +64,7 @@ class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
   static constexpr int kDigits = num_digits<key_t>();
   static constexpr int kWays = 4;
+  static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
   static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
 
   struct Candidate {
@@ -84,13 +85,14 @@ class UnstructuredSelect {
 
   // Prunes k = count (or round(fraction * candidates) when count < 0).
   void run(int64_t count, double fraction) {
+    if (numel_ <= kSmall) {
+      run_small(count, fraction);
+      return;
+    }
     histogram(0, 0);
     int64_t n = 0;
     for (int64_t c : candidates_) n += c;
-    const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
-    TORCH_CHECK_VALUE(
-        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
-        " candidates");
+    const int64_t k = prune_count(count, fraction, n);
     if (k == 0) {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
@@ -115,6 +117,37 @@ class UnstructuredSelect {
   }
 
  private:
+  static int64_t prune_count(int64_t count, double fraction, int64_t n) {
+    const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
+    TORCH_CHECK_VALUE(
+        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
+        " candidates");
+    return k;
+  }
+
+  // Small inputs: collect every candidate, select the k smallest (key,
+  // position) directly. Avoids the histograms' fixed cost.
+  void run_small(int64_t count, double fraction) {
+    std::vector<Candidate> pool(numel_);
+    Candidate* end = pool.data();
+    write_with([&](int64_t) { return CollectAll{&end}; });
+    pool.resize(end - pool.data());
+    const int64_t k = prune_count(count, fraction, static_cast<int64_t>(pool.size()));
+    if (k > 0) std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end());
+    zero_at(pool, k);
+  }
+
+  // Sets the outputs of the first `count` candidates of `pool` to 0.
+  void zero_at(const std::vector<Candidate>& pool, int64_t count) const {
+    for (int64_t j = 0; j < count; ++j) {
+      const Segment& seg = segment_of(pool[j].index);
+      const size_t size = c10::elementSize(seg.mask_type);
+      // An all-zero byte pattern is 0 (or false) in every mask dtype.
+      std::memset(
+          static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
+    }
+  }
+
   int64_t lo(int64_t chunk) const { return numel_ * chunk / chunks_; }
   int64_t hi(int64_t chunk) const { return numel_ * (chunk + 1) / chunks_; }
 
@@ -190,6 +223,12 @@ class UnstructuredSelect {
       for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* s,
                             const auto* m, auto*, int64_t b, int64_t e, int64_t) {
         using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
+        // Locals, not captures: the counter stores could alias the captured
+        // 32-bit values and force a reload every element.
+        const key_t pm = pmask, pre = prefix;
+        const int sh = shift;
+        const bool lg = largest;
+        uint32_t* w = ways.data();
         for (int64_t start = b; start < e; start += kBlock) {
           const int64_t stop = std::min(e, start + kBlock);
           if (pending + (stop - start) > kBlock) fold();
@@ -200,9 +239,9 @@ class UnstructuredSelect {
               cand = m[decltype(broadcast)::value ? 0 : i] == mask_t(1);
             }
             n += cand;
-            const key_t key = magnitude_key(s[i], largest);
-            const auto bin = static_cast<uint32_t>((key >> shift) & (kBins - 1));
-            ways[bin * kWays + (i & (kWays - 1))] += cand & ((key & pmask) == prefix);
+            const key_t key = magnitude_key(s[i], lg);
+            const auto bin = static_cast<uint32_t>((key >> sh) & (kBins - 1));
+            w[bin * kWays + (i & (kWays - 1))] += cand & ((key & pm) == pre);
           }
         }
       });
@@ -222,9 +261,9 @@ class UnstructuredSelect {
   }
 
   // The write pass: out = mask, except candidates for which the chunk's
-  // decider says prune, which get 0. The decider is called with the key, the
-  // concatenation position and whether the entry is a candidate, and answers
-  // without branching on the common path.
+  // decider (PruneBelow, PruneBelowBin) says prune, which get 0. It is called
+  // with the key, the concatenation position and whether the entry is a
+  // candidate, and answers without branching on the common path.
   template <typename MakeDecider>
   void write_with(const MakeDecider& make_decider) {
     const bool largest = largest_;
@@ -234,16 +273,54 @@ class UnstructuredSelect {
                             const auto* m, auto* out, int64_t b, int64_t e,
                             int64_t begin) {
         using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
+        auto decide = prune;  // a local copy: its state then stays in registers
+        const bool lg = largest;
         for (int64_t i = b; i < e; ++i) {
           const mask_t v = m[decltype(broadcast)::value ? 0 : i];
           bool cand = true;
           if constexpr (decltype(only_ones)::value) cand = v == mask_t(1);
-          const bool cut = prune(magnitude_key(s[i], largest), begin + i, cand);
+          const bool cut = decide(magnitude_key(s[i], lg), begin + i, cand);
           out[i] = keep_or_zero(v, !cut);
         }
+        prune = decide;
       });
     });
   }
+
+  // Prunes candidates with key < thr, and the first `quota` with key == thr.
+  struct PruneBelow {
+    key_t thr;
+    int64_t quota;
+    bool operator()(key_t key, int64_t, bool cand) {
+      if (C10_UNLIKELY(cand & (key == thr))) {
+        if (quota == 0) return false;
+        --quota;
+        return true;
+      }
+      return cand & (key < thr);
+    }
+  };
+
+  // Prunes candidates whose first digit is below `bin` and collects those in
+  // `bin` (key, position) at `next`.
+  struct PruneBelowBin {
+    uint32_t bin;
+    Candidate* next;
+    bool operator()(key_t key, int64_t i, bool cand) {
+      const uint32_t digit = key_digit(key, 0);
+      if (C10_UNLIKELY(cand & (digit == bin))) *next++ = Candidate{key, i};
+      return cand & (digit < bin);
+    }
+  };
+
+  // Prunes nothing; collects every candidate (key, position) at `*next`.
+  struct CollectAll {
+    Candidate** next;
+    bool operator()(key_t key, int64_t i, bool cand) {
+      if (cand) *(*next)++ = Candidate{key, i};
+      return false;
+    }
+  };
 
   // Candidates with key < thr are pruned, and of those with key == thr the
   // first `need` in flat order (chunk shares from the last histogram's `bin`).
@@ -251,15 +328,7 @@ class UnstructuredSelect {
     write_with([&](int64_t c) {
       int64_t before = 0;
       for (int64_t p = 0; p < c; ++p) before += chunk_count(p, bin);
-      int64_t quota = tie_quota(need, before, chunk_count(c, bin));
-      return [thr, quota](key_t key, int64_t, bool cand) mutable -> bool {
-        if (C10_UNLIKELY(cand & (key == thr))) {
-          if (quota == 0) return false;
-          --quota;
-          return true;
-        }
-        return cand & (key < thr);
-      };
+      return PruneBelow{thr, tie_quota(need, before, chunk_count(c, bin))};
     });
   }
 
@@ -271,22 +340,9 @@ class UnstructuredSelect {
       offset[c + 1] = offset[c] + chunk_count(c, bin);
     }
     std::vector<Candidate> pool(offset[chunks_]);
-    write_with([&](int64_t c) {
-      return [bin, next = pool.data() + offset[c]](
-                 key_t key, int64_t i, bool cand) mutable -> bool {
-        const uint32_t digit = key_digit(key, 0);
-        if (C10_UNLIKELY(cand & (digit == bin))) *next++ = Candidate{key, i};
-        return cand & (digit < bin);
-      };
-    });
+    write_with([&](int64_t c) { return PruneBelowBin{bin, pool.data() + offset[c]}; });
     std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end());
-    for (int64_t j = 0; j < need; ++j) {
-      const Segment& seg = segment_of(pool[j].index);
-      const size_t size = c10::elementSize(seg.mask_type);
-      // An all-zero byte pattern is 0 (or false) in every mask dtype.
-      std::memset(
-          static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
-    }
+    zero_at(pool, need);
   }
 
   std::vector<Segment> segs_;

@@ -62,5 +62,10 @@ def global_unstructured_masks(
     Returns:
         One new mask per tensor, as :func:`unstructured_mask` would shape it.
     """
-    return torch.ops.fastprune.global_unstructured_masks(
-        list(scores), list(masks), *_amount_args(count, fraction), only_ones, largest)
+    scores, masks = list(scores), list(masks)
+    count, fraction = _amount_args(count, fraction)
+    if not scores and not masks:  # no tensor for the dispatcher to route by
+        if count > 0:
+            raise ValueError(f"fastprune: cannot prune {count} entries out of 0 candidates")
+        return []
+    return torch.ops.fastprune.global_unstructured_masks(scores, masks, count, fraction, only_ones, largest)
