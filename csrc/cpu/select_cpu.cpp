@@ -198,8 +198,9 @@ class UnstructuredSelect {
   }
 
   // Histogram of digit d over the candidates whose higher digits equal
-  // `prefix`; per chunk, then summed into total_. Branch-free: every element
-  // adds 0 or 1, so half-pruned masks cost no mispredictions. Counting goes to
+  // `prefix`; per chunk, then summed into total_. Candidates add 1 and other
+  // entries 0 without a branch, so half-pruned masks cost no mispredictions.
+  // Counting goes to
   // kWays interleaved 32-bit sub-counters per bin (element i to way i % kWays),
   // so runs of one bin do not serialize on a single counter; they are folded
   // into the chunk's 64-bit histogram before they could overflow.
@@ -227,6 +228,7 @@ class UnstructuredSelect {
         // 32-bit values and force a reload every element.
         const key_t pm = pmask, pre = prefix;
         const int sh = shift;
+        const bool first = d == 0;
         const bool lg = largest;
         uint32_t* w = ways.data();
         for (int64_t start = b; start < e; start += kBlock) {
@@ -241,7 +243,12 @@ class UnstructuredSelect {
             n += cand;
             const key_t key = magnitude_key(s[i], lg);
             const auto bin = static_cast<uint32_t>((key >> sh) & (kBins - 1));
-            w[bin * kWays + (i & (kWays - 1))] += cand & ((key & pm) == pre);
+            // The first digit counts every candidate; later digits only the
+            // few that share the prefix, so a (predictable) branch there saves
+            // read-modify-writes to random bins.
+            if (first || C10_UNLIKELY((key & pm) == pre)) {
+              w[bin * kWays + (i & (kWays - 1))] += cand;
+            }
           }
         }
       });
