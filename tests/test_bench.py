@@ -14,7 +14,7 @@ def test_quick_benchmark_runs_and_masks_match(tmp_path):
     result = json.loads((tmp_path / "quick.json").read_text())
     names = [r["workload"] for r in result["rows"]]
     assert names == list(bench.WORKLOADS)
-    assert all(r["masks_equal"] for r in result["rows"])
+    assert all(r["masks_agree"] for r in result["rows"])
     assert all(r["torch_s"] > 0 and r["fastprune_s"] > 0 for r in result["rows"])
     assert (tmp_path / "quick.md").read_text().count("\n") >= len(names) + 3
     assert (tmp_path / "quick.png").stat().st_size > 0
@@ -32,7 +32,7 @@ def test_mismatch_is_reported_not_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.SIDES["fastprune"], "l1_unstructured", wrong)
     assert bench.main(["--quick", "--no-sweep", "--workloads", "l1_unstructured", "--out", str(tmp_path)]) == 1
     row = json.loads((tmp_path / "quick.json").read_text())["rows"][0]
-    assert row["masks_equal"] is False
+    assert row["masks_agree"] is False
 
 
 @pytest.mark.parametrize("n", [0, 5])

@@ -362,13 +362,18 @@ def _unpatched(cls):
     return vars(cls).get("compute_mask") is ours and vars(twin).get("compute_mask") is theirs
 
 
+def _is_plain(method, classes):
+    """Whether ``method`` is exactly one of our ``classes``, its ``compute_mask`` unreplaced."""
+    cls = type(method)
+    return (cls in classes and _unpatched(cls)
+            and "compute_mask" not in getattr(method, "__dict__", ()))
+
+
 def _kernel_kind(method):
     """``"l1"`` or ``"random"`` for our own, unpatched L1/RandomUnstructured, else None."""
-    cls = type(method)
-    if (cls not in (L1Unstructured, RandomUnstructured) or not _unpatched(cls)
-            or "compute_mask" in getattr(method, "__dict__", ())):
+    if not _is_plain(method, (L1Unstructured, RandomUnstructured)):
         return None
-    return "l1" if cls is L1Unstructured else "random"
+    return "l1" if type(method) is L1Unstructured else "random"
 
 
 def _container_kernel_kind(container, t, mask):
@@ -382,7 +387,10 @@ def _container_kernel_kind(container, t, mask):
             or not container._pruning_methods
             or t.shape != mask.shape or t.device != mask.device):
         return None
-    return _kernel_kind(container._pruning_methods[-1])
+    method = container._pruning_methods[-1]
+    if _is_plain(method, (LnStructured, RandomStructured)) and t.device.type != "meta":
+        return "structured"
+    return _kernel_kind(method)
 
 
 def _unpruned_mask(orig, scores):
@@ -495,8 +503,11 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
             dim = method.dim + ndim if method.dim < 0 else method.dim
             if dim < 0:
                 raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
+            live = mask.sum(dim=[d for d in range(ndim) if d != dim]) != 0
+            if kind == "structured":
+                return _structured_on_live(method, t, mask, dim, live)
             region = [slice(None)] * ndim
-            region[dim] = mask.sum(dim=[d for d in range(ndim) if d != dim]) != 0
+            region[dim] = live
             region = tuple(region)
         elif pruning_type == "global":
             region = (slice(None),) * t.dim()
@@ -701,6 +712,58 @@ def _channel_mask(t, dim, keep, default_mask):
     return torch.mul(default_mask.to(dtype=t.dtype), keep, out=torch.empty_like(t))
 
 
+def _structured_keep(method, t, live=None):
+    """Which channels of ``t`` along ``method.dim`` a structured method keeps:
+    one 0/1 per channel, or None when it prunes none.
+
+    With ``live`` (one bool per channel), only the live channels take part, as
+    if ``t`` were ``t[live]`` along the dim (the container's view): amounts,
+    validation and random draws count the live channels; dead ones get 1.
+    """
+    dim = method.dim
+    region = t
+    if live is not None:
+        shape = list(t.shape)
+        shape[dim] = int(live.sum())
+        region = torch.empty(shape, device="meta")  # for the checks and their messages
+    _validate_structured_pruning(region)
+    _validate_pruning_dim(region, dim)
+    channels = region.shape[dim]
+    k = _compute_nparams_toprune(method.amount, channels)
+    _validate_pruning_amount(k, channels)
+    if isinstance(method, LnStructured):
+        norms = _compute_norm(t, method.n, dim)
+        if live is not None:
+            norms = norms[live]
+        if k == 0:
+            return None
+        # The k smallest norms go, ties to the lower channel index (NaN last).
+        ones = torch.ones((), dtype=norms.dtype, device=norms.device).expand(channels)
+        keep = ops.unstructured_mask(norms.detach(), ones, count=k)
+    else:
+        if k == 0:
+            return None
+        draws = torch.rand(channels)  # CPU default generator, as the reference
+        keep = draws > torch.kthvalue(draws, k=k).values
+    if live is None:
+        return keep
+    full = torch.ones(t.shape[dim], dtype=t.dtype, device=t.device)
+    full[live] = keep.to(device=t.device, dtype=t.dtype)
+    return full
+
+
+def _structured_on_live(method, t, mask, dim, live):
+    """Container path for our structured methods: the last method ranks only
+    the channels not yet all zero, without gathering ``t`` or the mask."""
+    keep = _structured_keep(method, t, live)
+    new = mask.to(dtype=t.dtype)
+    if keep is None:
+        return new
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return new * keep.view(shape)
+
+
 class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
     """Prunes whole channels chosen at random.
 
@@ -733,15 +796,8 @@ class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        _validate_structured_pruning(t)
-        _validate_pruning_dim(t, self.dim)
-        channels = t.shape[self.dim]
-        k = _compute_nparams_toprune(self.amount, channels)
-        _validate_pruning_amount(k, channels)
-        if k == 0:
-            return default_mask
-        draws = torch.rand(channels)
-        return _channel_mask(t, self.dim, draws > torch.kthvalue(draws, k=k).values, default_mask)
+        keep = _structured_keep(self, t)
+        return default_mask if keep is None else _channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, dim=-1):
@@ -790,18 +846,8 @@ class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        _validate_structured_pruning(t)
-        _validate_pruning_dim(t, self.dim)
-        channels = t.shape[self.dim]
-        k = _compute_nparams_toprune(self.amount, channels)
-        _validate_pruning_amount(k, channels)
-        norms = _compute_norm(t, self.n, self.dim)
-        if k == 0:
-            return default_mask
-        # The k smallest norms go, ties to the lower channel index (NaN last).
-        keep = ops.unstructured_mask(norms.detach(), torch.ones((), dtype=t.dtype, device=norms.device).expand(channels),
-                                     count=k)
-        return _channel_mask(t, self.dim, keep, default_mask)
+        keep = _structured_keep(self, t)
+        return default_mask if keep is None else _channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, n, dim, importance_scores=None):
@@ -873,7 +919,9 @@ _ORIGINAL_COMPUTE_MASK = {
     for cls, twin in ((PruningContainer, _torch_prune.PruningContainer),
                       (L1Unstructured, _torch_prune.L1Unstructured),
                       (RandomUnstructured, _torch_prune.RandomUnstructured),
-                      (CustomFromMask, _torch_prune.CustomFromMask))
+                      (CustomFromMask, _torch_prune.CustomFromMask),
+                      (LnStructured, _torch_prune.LnStructured),
+                      (RandomStructured, _torch_prune.RandomStructured))
 }
 
 
