@@ -95,10 +95,11 @@ class Workload:
     """make(dtype, quick) -> module; prepare(prune, module) runs untimed on each
     side's copy first; run(prune, module) is what is timed."""
 
-    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None):
+    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None, idiom=None):
         self.name, self.make, self.run, self.floor_bytes, self.note = name, make, run, floor_bytes, note
         self.prepare = prepare or (lambda prune, m: None)
         self.agree = agree or masks_equal
+        self.idiom = idiom  # the hand-rolled kthvalue-threshold alternative, where one applies
 
     def fresh(self, prune, state):
         m = copy.deepcopy(state)
@@ -127,6 +128,18 @@ def random_masks_agree(ref, fast):
     draws = torch.rand(r.numel(), dtype=ref[0].dtype)
     cut = draws[r == 0].min()  # the reference prunes the largest draws
     return bool((draws[r != f] == cut).all())
+
+
+def kthvalue_idiom(amount):
+    """What users hand-roll instead: one kthvalue threshold over all |weights|
+    (masks only, no reparametrization; prunes more than k when values tie)."""
+    def run(m):
+        params = [p.detach() for p in m.parameters()]
+        flat = torch.cat([p.abs().reshape(-1) for p in params]) if len(params) > 1 else params[0].abs().reshape(-1)
+        k = round(amount * flat.numel())
+        thr = torch.kthvalue(flat, k).values
+        return [(p.abs() > thr).to(p.dtype) for p in params]
+    return run
 
 
 def _single(shape_full, shape_quick):
@@ -171,7 +184,7 @@ def _add(w):
 
 _add(Workload("l1_unstructured", _single((4096, 4096), (64, 64)),
               lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5),
-              lambda m: _bytes(m, 3, 2), "amount 0.5, Linear 4096x4096"))
+              lambda m: _bytes(m, 3, 2), "amount 0.5, Linear 4096x4096", idiom=kthvalue_idiom(0.5)))
 _add(Workload("iterative", _single((4096, 4096), (64, 64)), _iterative(1),
               lambda m: _bytes(m, 3, 2), "one more round of 0.2 after 0.5",
               prepare=lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5)))
@@ -195,7 +208,8 @@ for _method, _label in (("L1Unstructured", "l1"), ("RandomUnstructured", "random
             _run = (lambda r: lambda prune, m: (torch.manual_seed(0), r(prune, m)))(_run)
         _add(Workload(f"global_{_label}_{_model}", _make, _run, lambda m: _bytes(m, 3, 2),
                       f"global_unstructured {_method} 0.5 over a {_model}-like layer set",
-                      agree=random_masks_agree if _method == "RandomUnstructured" else None))
+                      agree=random_masks_agree if _method == "RandomUnstructured" else None,
+                      idiom=kthvalue_idiom(0.5) if _method == "L1Unstructured" else None))
 
 
 # ------------------------------------------------------------------ timing
@@ -213,15 +227,23 @@ def measure_copy_bandwidth(nbytes=1 << 28):
     return 2 * nbytes / min(times)  # read + write
 
 
-def time_side(w, prune, state, repeats, budget_s=20.0):
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_side(w, prune, state, repeats, budget_s=20.0, run=None):
     """Median of `repeats` timed runs after one warm-up; fewer (at least 3) when
-    a run is so slow that `repeats` would exceed `budget_s`."""
+    a run is so slow that `repeats` would exceed `budget_s`. Device-synchronized."""
+    run = run or (lambda m: w.run(prune, m))
     times = []
     i = 0
     while i <= repeats:  # run 0 is the warm-up
         m = w.fresh(prune, state)
+        _sync()
         t0 = time.perf_counter()
-        w.run(prune, m)
+        run(m)
+        _sync()
         dt = time.perf_counter() - t0
         del m
         if i == 0:
@@ -265,8 +287,8 @@ def _child(name, side, dtype, quick):
     print(peak_growth(lambda: w.run(prune, m)))
 
 
-def run_workload(w, dtype, quick, repeats, bandwidth, peak):
-    state = w.make(dtype, quick)
+def run_workload(w, dtype, device, quick, repeats, bandwidth, peak):
+    state = w.make(dtype, quick).to(device)
     done = {}
     for side, prune in SIDES.items():
         m = w.fresh(prune, state)
@@ -278,6 +300,7 @@ def run_workload(w, dtype, quick, repeats, bandwidth, peak):
     for side, prune in SIDES.items():
         row[f"{side}_s"] = time_side(w, prune, state, repeats)
         row[f"{side}_peak_bytes"] = child_peak(w.name, side, dtype, quick) if peak else None
+    row["kthvalue_s"] = time_side(w, None, state, repeats, run=w.idiom) if w.idiom else None
     row["speedup"] = row["torch_s"] / row["fastprune_s"]
     row["floor_s"] = w.floor_bytes(state) / bandwidth
     row["fraction_of_floor"] = row["floor_s"] / row["fastprune_s"]
@@ -342,11 +365,13 @@ def fmt_bytes(b):
 def markdown(rows, info, bandwidth):
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
              f"{info['date']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
-             "| workload | elements | torch.nn.utils.prune | fastprune | speed-up | of floor | peak torch | peak fastprune | masks agree |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+             "| workload | elements | torch.nn.utils.prune | fastprune | speed-up | of floor | kthvalue idiom | peak torch | peak fastprune | masks agree |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['numel']:,} | {r['torch_s']*1e3:,.1f} ms | {r['fastprune_s']*1e3:,.1f} ms | "
-                     f"{r['speedup']:,.1f}x | {r['fraction_of_floor']:.0%} | {fmt_bytes(r['torch_peak_bytes'])} | "
+                     f"{r['speedup']:,.1f}x | {r['fraction_of_floor']:.0%} | "
+                     f"{'-' if r['kthvalue_s'] is None else format(r['kthvalue_s'] * 1e3, ',.1f') + ' ms'} | "
+                     f"{fmt_bytes(r['torch_peak_bytes'])} | "
                      f"{fmt_bytes(r['fastprune_peak_bytes'])} | {'yes' if r['masks_agree'] else '**NO**'} |")
     return "\n".join(lines)
 
@@ -379,7 +404,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, no peak-memory subprocesses")
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
-    ap.add_argument("--device", default="cpu", choices=["cpu"], help="CUDA comes with the CUDA kernels")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: inputs on the GPU, timings synchronized; peak memory is CPU-only")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--scale", action="store_true", help="also prune 1e9 parameters with fastprune alone")
@@ -394,7 +420,8 @@ def main(argv=None):
     rows = []
     for name in args.workloads:
         print(f"- {name} ...", end="", flush=True)
-        row = run_workload(WORKLOADS[name], dtype, args.quick, repeats, bandwidth, peak=not args.quick)
+        row = run_workload(WORKLOADS[name], dtype, args.device, args.quick, repeats, bandwidth,
+                           peak=not args.quick and args.device == "cpu")
         rows.append(row)
         print(f" torch {row['torch_s']*1e3:,.1f} ms, fastprune {row['fastprune_s']*1e3:,.1f} ms, "
               f"{row['speedup']:,.1f}x, {row['fraction_of_floor']:.0%} of floor"

@@ -1140,6 +1140,14 @@ def _global_kernel_masks(kind, amount, currents, scores, masks):
     if unknown or k == 0:
         return new
     draws = torch.rand(n, dtype=dtype, device=scores[0].device)
+    if all(m is None for m in masks):
+        # Every entry is a candidate: the draws are in concatenation order, so
+        # each parameter's share is a plain view and nothing is scattered.
+        shares, start = [], 0
+        for c in currents:
+            shares.append(draws[start:start + c.numel()].view(c.shape))
+            start += c.numel()
+        return [m.to(dtype) for m in ops.global_unstructured_masks(shares, olds, count=k, largest=True)]
     ones = torch.ones((), dtype=dtype, device=draws.device).expand(n)
     kept = _select(draws, ones, count=k, largest=True)
     start = 0
