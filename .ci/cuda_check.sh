@@ -12,18 +12,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTPRUNE_CUDA_VENV:-$HOME/.cache/fastprune-cuda-venv}"
 TORCH_VERSION=2.14.1  # a CUDA 13.0 build; pinned: a bare 'torch' would fetch another multi-GB one
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "== creating $VENV"
-  python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or torch.version.cuda is None)" 2>/dev/null; then
-  echo "== installing torch==$TORCH_VERSION"
-  "$PY" -m pip install -q "torch==$TORCH_VERSION"
-fi
-if ! "$PY" -c "import numpy, setuptools, wheel" 2>/dev/null; then
-  "$PY" -m pip install -q numpy setuptools wheel
-fi
+source "$ROOT/.ci/venv.sh"
+venv_with_torch "$VENV" "$TORCH_VERSION" numpy setuptools wheel
+"$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)" ||
+  { echo "cuda_check: torch in $VENV has no CUDA" >&2; exit 1; }
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which here is a wrapper script;
 # nvcc itself names the toolkit root ("#$ TOP=<root>/bin/..").
