@@ -378,11 +378,15 @@ def markdown(rows, info, bandwidth):
 
 def plot(rows, sweep_rows, path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.barh([r["workload"] for r in rows], [r["speedup"] for r in rows])
     a.set_xscale("log")
+    a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a.axvline(1, color="gray", lw=0.8)
     a.set_xlabel("speed-up over torch.nn.utils.prune (log)")
     a.invert_yaxis()
     if sweep_rows:
