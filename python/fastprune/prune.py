@@ -485,10 +485,9 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
             torch.Tensor: the new mask, with the dtype of ``t``.
         """
         kind = _container_kernel_kind(self, t, mask)
-        if kind == "l1":
-            return _l1_on_ones(method.amount, t, mask)
-        if kind == "random":
-            return _random_on_ones(method.amount, t, mask)
+        if kind in ("l1", "random"):
+            # Among the entries still at 1: the global select over one tensor.
+            return _kernel_masks(kind, method.amount, [t], [t], [mask])[0]
 
         new_mask = mask.to(dtype=t.dtype)
         pruning_type = method.PRUNING_TYPE
@@ -523,46 +522,6 @@ def _count_ones(mask):
     if mask.device.type == "meta":
         return None
     return int((mask == 1).sum())
-
-
-def _l1_on_ones(amount, t, mask):
-    """Container L1 path: prune by ``|t|`` among the entries where ``mask == 1``."""
-    scores = _magnitude_scores(t)
-    if isinstance(amount, float) and 0.0 <= amount <= 1.0:
-        # The kernel computes round(amount * candidates) exactly as Python does.
-        new = _select(scores, mask, fraction=amount, only_ones=True)
-    else:
-        n = _count_ones(mask)
-        k = amount if n is None else _compute_nparams_toprune(amount, n)
-        if n is not None:
-            _validate_pruning_amount(k, n)
-        _check_count(k)
-        new = _select(scores, mask, count=k, only_ones=True)
-    return new.to(dtype=t.dtype)
-
-
-def _random_on_ones(amount, t, mask):
-    """Container random path, drawing the random numbers exactly as the reference.
-
-    The reference draws ``torch.rand_like(t[mask == 1])`` (one draw per
-    candidate, in row-major order, from ``t``'s device generator) and prunes
-    the k largest draws; this draws the same numbers without gathering ``t``.
-    On the meta device (no values, no draws) the result is just the new mask's
-    shape and dtype.
-    """
-    new = mask.to(dtype=t.dtype, copy=True)
-    n = _count_ones(mask)
-    if n is None:
-        return new
-    k = _compute_nparams_toprune(amount, n)
-    _validate_pruning_amount(k, n)
-    _check_count(k)
-    if k != 0:
-        keep = mask == 1
-        draws = torch.rand(n, dtype=t.dtype, device=t.device)
-        ones = torch.ones((), dtype=new.dtype, device=new.device).expand(n)
-        new[keep] = _select(draws, ones, count=k, largest=True)
-    return new
 
 
 class Identity(BasePruningMethod, _torch_prune.Identity):
@@ -1070,7 +1029,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
 
     kind = _kernel_kind(method)
     if kind is not None:
-        own_masks = _global_kernel_masks(kind, method.amount, currents, scores, masks)
+        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
     else:
         own_masks = _global_reference_masks(container, currents, scores, masks)
     names = {}
@@ -1109,11 +1068,16 @@ def _promoted_scores(scores):
     return [s.detach().to(dtype) for s in scores], dtype
 
 
-def _global_kernel_masks(kind, amount, currents, scores, masks):
-    """Global L1/random masks, one per parameter, without concatenating anything.
+def _kernel_masks(kind, amount, currents, scores, masks):
+    """L1/random masks of one or several tensors ranked together (global
+    pruning, and a container's unstructured step), without concatenating or
+    gathering anything; one new mask per tensor, in the scores' promoted dtype.
 
-    Candidates are the entries still at 1 (all entries of unpruned parameters,
-    read through a stride-0 view of a single one). L1 ranks ``|score|`` across
+    ``masks`` holds each tensor's current mask, or None for an unpruned one.
+    Candidates are the entries still at 1 (all entries of unpruned tensors,
+    read through a stride-0 view of a single one). On the meta device an
+    integer amount cannot be checked against the candidates, and random draws
+    nothing. L1 ranks ``|score|`` across
     all parameters with one multi-tensor select; random draws one number per
     candidate in concatenation order, exactly as the reference, and prunes the
     k largest draws.
