@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -763,6 +764,95 @@ TEST(GlobalUnstructuredMasks, RejectsBadArguments) {
                c10::Error);
   EXPECT_THROW(global_unstructured_masks({s, s}, {m, m}, 9, 0.0, false, false),
                c10::ValueError);
+}
+
+// ---------------------------------------------------------------------------
+// Randomized cases against the sorted reference
+// ---------------------------------------------------------------------------
+
+// Rounds of the fuzz test: FASTPRUNE_CPP_FUZZ_ROUNDS, default 200 (a long run
+// sets thousands). Each round draws its own seed, printed on failure, so a
+// failing round can be replayed with FASTPRUNE_CPP_FUZZ_SEED.
+int64_t fuzz_rounds() {
+  const char* env = std::getenv("FASTPRUNE_CPP_FUZZ_ROUNDS");
+  return env ? std::atoll(env) : 200;
+}
+
+// Scores mixing every distribution entry by entry (NaN, inf, zeros, denormals
+// and duplicates side by side), or one distribution throughout.
+at::Tensor fuzz_scores(int64_t n, at::ScalarType dtype, std::mt19937_64& rng) {
+  if (rng() % 3 != 0) return make_scores(kDists[rng() % std::size(kDists)], n, dtype, rng);
+  std::vector<int64_t> which(n);
+  for (int64_t& w : which) w = static_cast<int64_t>(rng() % std::size(kDists));
+  const at::Tensor pick = at::from_blob(which.data(), {n}, at::kLong).clone();
+  at::Tensor out = at::empty({n}, dtype);
+  for (size_t d = 0; d < std::size(kDists); ++d) {
+    const at::Tensor here = pick == static_cast<int64_t>(d);
+    out.masked_scatter_(here, make_scores(kDists[d], n, dtype, rng).masked_select(here));
+  }
+  return out;
+}
+
+// `flat` (n entries) viewed with a random layout whose logical row-major
+// order is `flat`'s: contiguous, transposed, channels_last or a strided slice.
+at::Tensor fuzz_layout(const at::Tensor& flat, int layout) {
+  const int64_t n = flat.numel();
+  switch (layout) {
+    case 1:  // transposed storage: logical (2, n/2) from a (n/2, 2) buffer
+      if (n % 2 == 0) return flat.view({2, n / 2}).t().contiguous().t();
+      break;
+    case 2:  // channels_last 4-D
+      if (n % 4 == 0) {
+        return flat.view({1, 2, 2, n / 4}).contiguous(at::MemoryFormat::ChannelsLast);
+      }
+      break;
+    case 3: {  // every other entry of a buffer twice the size
+      at::Tensor wide = at::empty({n, 2}, flat.options());
+      wide.select(1, 0).copy_(flat);
+      return wide.select(1, 0);
+    }
+    default:
+      break;
+  }
+  return flat;
+}
+
+TEST(Fuzz, RandomCasesMatchTheSortedReference) {
+  const char* replay = std::getenv("FASTPRUNE_CPP_FUZZ_SEED");
+  const int64_t rounds = replay ? 1 : fuzz_rounds();
+  std::mt19937_64 seeds(7);
+  ThreadsGuard guard;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const uint64_t seed = replay ? std::strtoull(replay, nullptr, 10) : seeds();
+    SCOPED_TRACE("FASTPRUNE_CPP_FUZZ_SEED=" + std::to_string(seed));
+    std::mt19937_64 rng(seed);
+    const at::ScalarType dtype = kScoreTypes[rng() % 4];
+    const int tensors = 1 + static_cast<int>(rng() % 4);
+    // Sizes log-uniform up to 2^17: both sides of the small-input path, the
+    // histogram bin count and the single-chunk limit.
+    GlobalCase g;
+    for (int t = 0; t < tensors; ++t) {
+      const int64_t size = static_cast<int64_t>(std::exp2(
+          std::uniform_real_distribution<double>(0, 17)(rng))) - 1;
+      const int layout = static_cast<int>(rng() % 4);
+      g.scores.push_back(fuzz_layout(fuzz_scores(size, dtype, rng), layout));
+      g.masks.push_back(
+          fuzz_layout(make_mask(size, kMaskTypes[rng() % 3], rng() % 2 == 0, rng), layout));
+    }
+    g.only_ones = rng() % 2 == 0;
+    g.largest = rng() % 2 == 0;
+    at::set_num_threads(1 + static_cast<int>(rng() % 3));
+    const int64_t n = candidates(g.masks, g.only_ones);
+    const int64_t k = std::vector<int64_t>{0, n, n / 2, static_cast<int64_t>(rng() % (n + 1)),
+                                           std::max<int64_t>(n - 1, 0)}[rng() % 5];
+    const double fraction = std::uniform_real_distribution<double>()(rng);
+    if (tensors > 1 || rng() % 2 == 0) {
+      check_global(g, {k}, {fraction});
+    } else {
+      check(Case{g.scores[0], g.masks[0], g.only_ones, g.largest}, {k}, {fraction});
+    }
+    if (::testing::Test::HasFailure()) return;  // one failing seed is enough to replay
+  }
 }
 
 }  // namespace
