@@ -5,7 +5,7 @@
 # CUDA build of torch in a venv of its own (FASTPRUNE_CUDA_VENV, made or reused),
 # from a copy of the sources into a build directory inside that venv, so the
 # checkout and its editable install are left alone. Then imports the built
-# package there and checks that both ops have CPU and CUDA kernels registered.
+# package there and checks that every op has CPU and CUDA kernels registered.
 # Any compile error fails the script. Needs nvcc on PATH (or CUDA_HOME set).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,11 +63,11 @@ assert fastprune.__file__.startswith(sys.argv[1]), f"imported {fastprune.__file_
 info = fastprune.build_info()
 print("build_info:", info)
 assert info["cuda_built"] and info["cuda_kernels"], info
-for op in ("unstructured_mask", "global_unstructured_masks"):
+for op in ("unstructured_mask", "global_unstructured_masks", "channel_norms"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprune::{op}", key), (op, key)
 # The CPU kernels of this build work too.
 out = fastprune.ops.unstructured_mask(torch.tensor([3.0, -1.0, 2.0, 0.5]), torch.ones(4), count=2)
 assert out.tolist() == [1.0, 0.0, 1.0, 0.0], out
-print("cuda_check: OK, both ops have CPU and CUDA kernels")
+print("cuda_check: OK, every op has CPU and CUDA kernels")
 EOF

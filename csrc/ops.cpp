@@ -33,4 +33,10 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "global_unstructured_masks(Tensor[] scores, Tensor[] masks, int count, "
       "float fraction, bool only_ones, bool largest) -> Tensor[]");
+  // The norm of every slice of `t` along `dim` (all other dimensions reduced),
+  // as float64 of shape (t.size(dim),): p = inf is max |x|, -inf min |x|, 0
+  // the count of non-zeros, else (sum |x|^p)^(1/p), as torch.linalg.vector_norm
+  // (NaN propagates). Any strides; the result ranks the channels of
+  // structured pruning.
+  m.def("channel_norms(Tensor t, int dim, float p) -> Tensor");
 }

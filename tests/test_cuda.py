@@ -1,4 +1,5 @@
-"""The CUDA kernels against the CPU kernels, bit for bit, for both select ops.
+"""The CUDA kernels against the CPU kernels: bit for bit for both select ops,
+to float64 rounding for channel_norms (the additions go in another order).
 
 Every case is a builder ``make(device)`` returning the op's tensor arguments on
 ``device``: values are drawn once on the CPU (seeded generators), moved to the
@@ -7,11 +8,13 @@ two runs see the same values in the same layouts. The CPU kernel is checked
 against a pure-PyTorch oracle in test_ops.py; here the CUDA result must equal
 it in device, dtype, shape, strides and bits.
 """
+import math
+
 import pytest
 import torch
 
 import fastprune
-from fastprune.ops import global_unstructured_masks, unstructured_mask
+from fastprune.ops import channel_norms, global_unstructured_masks, unstructured_mask
 
 from conftest import FLOAT_DTYPES, assert_bitwise_equal
 from test_ops import AMOUNTS, MASK_DTYPES, make_mask, make_scores
@@ -358,3 +361,25 @@ def test_huge_global_ties_cross_tensors():
     out_a, out_b = global_unstructured_masks([a, b], masks, count=n + 10)
     assert not out_a.any()
     assert not out_b[:10].any() and out_b[10:].all()
+
+
+# ----------------------------------------------------------------------------
+# channel_norms
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [1, 2, math.inf, -math.inf, 0, 3, -1.5], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_channel_norms_match_cpu(dtype, p):
+    t = make_scores("special", (6, 300, 5, 7), dtype)
+    for layout in ("contiguous", "channels_last", "sliced"):
+        x = laid_out(t, "cuda", layout)
+        for dim in range(4):
+            expected = channel_norms(x.cpu(), dim, p)
+            torch.testing.assert_close(channel_norms(x, dim, p).cpu(), expected, rtol=1e-12, atol=0,
+                                       equal_nan=True, msg=f"{layout} dim {dim}")
+
+
+def test_channel_norms_opcheck():
+    t = make_scores("ties", (4, 5, 3), torch.float32).cuda()
+    for args in ((t, 1, 2.0), (t.half().transpose(0, 2), -1, math.inf), (torch.empty(0, 3, device="cuda"), 1, 1.0)):
+        torch.library.opcheck(torch.ops.fastprune.channel_norms.default, args)

@@ -1,10 +1,14 @@
-"""The unstructured select kernel, ``fastprune.ops.unstructured_mask``, against
-a pure-PyTorch oracle (a stable sort of (|score| with NaN largest, flat index))."""
+"""The kernels against pure-PyTorch oracles: the select
+(``unstructured_mask``, ``global_unstructured_masks``) against a stable sort of
+(|score| with NaN largest, flat index), ``channel_norms`` against
+``torch.linalg.vector_norm`` in float64."""
+import math
+
 import pytest
 import torch
 
 import fastprune  # noqa: F401  (registers torch.ops.fastprune)
-from fastprune.ops import global_unstructured_masks, unstructured_mask
+from fastprune.ops import channel_norms, global_unstructured_masks, unstructured_mask
 
 from conftest import FLOAT_DTYPES, assert_bitwise_equal, select_oracle as oracle, tie_free
 
@@ -534,3 +538,73 @@ def test_cpu_equals_cuda(case):
         cpu = unstructured_mask(scores, mask, fraction=0.3, only_ones=True, largest=largest)
         gpu = unstructured_mask(scores.cuda(), mask.cuda(), fraction=0.3, only_ones=True, largest=largest)
         assert_bitwise_equal(gpu.cpu(), cpu)
+
+
+# ----------------------------------------------------------------------------
+# channel_norms
+# ----------------------------------------------------------------------------
+
+NORM_PS = [1, 2, math.inf, -math.inf, 0, 3, 0.5, -1.5]
+
+
+def norm_layouts(t):
+    """`t` as contiguous, channels_last, a permuted view and a strided slice
+    (the logical tensor is the same in every case but the slice)."""
+    yield "contiguous", t
+    yield "channels_last", t.contiguous(memory_format=torch.channels_last)
+    yield "permuted", t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    yield "sliced", t[:, :, ::2]
+
+
+@pytest.mark.parametrize("p", NORM_PS, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_channel_norms_match_vector_norm(dtype, p):
+    base = tie_free((5, 6, 4, 3), dtype, seed=11)
+    base[1, 2] = 0  # zeros matter for p = 0 and negative p
+    for layout, t in norm_layouts(base):
+        for dim in range(-4, 4):
+            reduced = [d for d in range(4) if d != dim % 4]
+            expected = torch.linalg.vector_norm(t.to(torch.float64), ord=p, dim=reduced)
+            got = channel_norms(t, dim, p)
+            assert got.dtype == torch.float64 and got.shape == (t.shape[dim],), layout
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=0, msg=f"{layout} dim {dim}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channel_norms_large_any_thread_count(threads):
+    t = torch.randn(300, 257, 7, generator=torch.Generator().manual_seed(3))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for dim in range(3):
+            for p in (2, math.inf, 0):
+                reduced = [d for d in range(3) if d != dim]
+                expected = torch.linalg.vector_norm(t.double(), ord=p, dim=reduced)
+                torch.testing.assert_close(channel_norms(t, dim, p), expected, rtol=1e-12, atol=0)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_channel_norms_nan_and_inf():
+    t = torch.ones(3, 4)
+    t[0, 1] = float("nan")
+    t[1, 2] = float("inf")
+    for p in (1, 2, math.inf, -math.inf, 3):
+        expected = torch.linalg.vector_norm(t.double(), ord=p, dim=[1])
+        torch.testing.assert_close(channel_norms(t, 0, p), expected, equal_nan=True, rtol=0, atol=0)
+    assert channel_norms(t, 0, 0).tolist() == [4.0, 4.0, 4.0]  # NaN counts as a non-zero
+
+
+def test_channel_norms_errors():
+    with pytest.raises(RuntimeError, match="floating point"):
+        channel_norms(torch.ones(3, 4, dtype=torch.int64), 0, 2)
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        channel_norms(torch.tensor(1.0), 0, 2)
+    with pytest.raises(IndexError):
+        channel_norms(torch.ones(3, 4), 2, 2)
+
+
+def test_channel_norms_opcheck():
+    t = tie_free((4, 5, 3), torch.float32, seed=2)
+    for args in ((t, 1, 2.0), (t.half().transpose(0, 2), -1, math.inf), (torch.empty(0, 3), 1, 1.0)):
+        torch.library.opcheck(torch.ops.fastprune.channel_norms.default, args)

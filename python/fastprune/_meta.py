@@ -19,3 +19,10 @@ def _unstructured_mask_fake(scores, mask, count, fraction, only_ones, largest):
 def _global_unstructured_masks_fake(scores, masks, count, fraction, only_ones, largest):
     torch._check(len(scores) == len(masks), lambda: "global_unstructured_masks: as many masks as scores")
     return [_unstructured_mask_fake(s, m, count, fraction, only_ones, largest) for s, m in zip(scores, masks)]
+
+
+@torch.library.register_fake("fastprune::channel_norms")
+def _channel_norms_fake(t, dim, p):
+    torch._check(t.is_floating_point(), lambda: "channel_norms: expected a floating point tensor")
+    torch._check(t.dim() >= 1, lambda: "channel_norms: expected a tensor with at least one dimension")
+    return t.new_empty((t.shape[dim],), dtype=torch.float64)

@@ -69,3 +69,24 @@ def global_unstructured_masks(
             raise ValueError(f"fastprune: cannot prune {count} entries out of 0 candidates")
         return []
     return torch.ops.fastprune.global_unstructured_masks(scores, masks, count, fraction, only_ones, largest)
+
+
+def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    """The ``p``-norm of every slice of ``t`` along ``dim``.
+
+    The norms of ``torch.linalg.vector_norm(t, p, dim=<every other dim>)``,
+    computed in one pass with float64 accumulation (so they may differ from
+    torch's in the last bits): ``p = inf`` is max ``|x|``, ``-inf`` min ``|x|``,
+    ``0`` the count of non-zeros, any other ``p`` ``(sum |x|^p)^(1/p)``; NaN
+    propagates.
+
+    Args:
+        t: floating-point tensor (float16, bfloat16, float32, float64), at
+            least 1-D, any strides.
+        dim: the channel dimension (negative counts from the end).
+        p: the norm's order.
+
+    Returns:
+        float64 tensor of shape ``(t.shape[dim],)``.
+    """
+    return torch.ops.fastprune.channel_norms(t, dim, float(p))

@@ -1,0 +1,81 @@
+// CPU kernel of channel_norms: the norm of every channel of a tensor along one
+// dimension, in one read of the tensor, with the reductions of
+// csrc/common/norms.h.
+//
+// The tensor is read as (outer, channels, inner) contiguous runs (see
+// channel_view). Threads take contiguous ranges of runs and fold each run into
+// their own row of per-channel accumulators, which are combined at the end, so
+// any dimension (first, middle, last, channels_last) is one sequential pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/norms.h"
+#include "../common/operands.h"
+
+namespace fastprune {
+namespace {
+
+// One run of `n` entries folded into one value, with four independent
+// accumulators so that the loop vectorizes without reassociating one chain.
+template <NormKind K, typename scalar_t>
+double fold_run(const scalar_t* x, int64_t n, double p) {
+  double acc[4] = {norm_identity<K>(), norm_identity<K>(), norm_identity<K>(),
+                   norm_identity<K>()};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      acc[j] = norm_combine<K>(acc[j], norm_term<K>(static_cast<double>(x[i + j]), p));
+    }
+  }
+  for (; i < n; ++i) {
+    acc[0] = norm_combine<K>(acc[0], norm_term<K>(static_cast<double>(x[i]), p));
+  }
+  return norm_combine<K>(norm_combine<K>(acc[0], acc[1]), norm_combine<K>(acc[2], acc[3]));
+}
+
+template <NormKind K, typename scalar_t>
+void channel_norms_kernel(const ChannelView& v, double p, double* out) {
+  const scalar_t* x = v.data.const_data_ptr<scalar_t>();
+  const int64_t runs = v.outer * v.channels;
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * v.channels, norm_identity<K>());
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(v.inner, 1));
+  at::parallel_for(0, runs, grain, [&](int64_t begin, int64_t end) {
+    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * v.channels;
+    int64_t c = begin % v.channels;
+    for (int64_t r = begin; r < end; ++r) {
+      acc[c] = norm_combine<K>(acc[c], fold_run<K>(x + r * v.inner, v.inner, p));
+      if (++c == v.channels) c = 0;
+    }
+  });
+  for (int64_t c = 0; c < v.channels; ++c) {
+    double total = norm_identity<K>();
+    for (int t = 0; t < threads; ++t) {
+      total = norm_combine<K>(total, partial[static_cast<size_t>(t) * v.channels + c]);
+    }
+    out[c] = norm_finish<K>(total, p);
+  }
+}
+
+at::Tensor channel_norms_cpu(const at::Tensor& t, int64_t dim, double p) {
+  const ChannelView v = channel_view(t, dim);
+  at::Tensor out = at::empty({v.channels}, t.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "channel_norms", [&] {
+    dispatch_norm_kind(norm_kind(p), [&](auto tag) {
+      channel_norms_kernel<decltype(tag)::value, scalar_t>(v, p, out.mutable_data_ptr<double>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("channel_norms", &channel_norms_cpu);
+}
+
+}  // namespace fastprune
