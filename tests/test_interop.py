@@ -1,9 +1,6 @@
-"""Interoperation with torch.nn.utils.prune (SPEC A.5, A.6) and serialization
-(SPEC §9): either library's is_pruned/remove on the other's modules, both
-libraries on one tensor, user subclasses, pickle/torch.save, torch.compile."""
-import copy
-import io
-import pickle
+"""Interoperation with torch.nn.utils.prune (SPEC A.5, A.6): either library's
+is_pruned/remove on the other's modules, both libraries on one tensor, user
+subclasses. (Serialization, copying and torch.compile: test_serialization.py.)"""
 from unittest import mock
 
 import pytest
@@ -11,7 +8,7 @@ import torch
 
 from conftest import (
     FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, example_input,
-    hook_summary, make_linear, make_net, pruning_hooks, tie_free,
+    make_linear, make_net, pruning_hooks, tie_free,
 )
 
 CLASSES = ["Identity", "RandomUnstructured", "L1Unstructured", "RandomStructured", "LnStructured",
@@ -237,80 +234,3 @@ def test_compute_mask_is_looked_up_and_called_with_keyword_default_mask():
         cm.assert_called_once()
         assert "default_mask" in cm.call_args.kwargs
 
-
-# ----------------------------------------------------------------------------
-# Serialization
-# ----------------------------------------------------------------------------
-
-def pruned_net(P):
-    m = net_conv_separated()
-    P.l1_unstructured(m.fc, "weight", 0.4)
-    P.ln_structured(m.conv, "weight", 1, 2, 0)
-    P.l1_unstructured(m.conv, "weight", 5)
-    P.global_unstructured([(m.fc, "bias"), (m.head, "weight")], P.L1Unstructured, amount=0.3)
-    return m
-
-
-def test_state_dict_keys_like_reference():
-    ref, fast = pruned_net(REF), pruned_net(FAST)
-    assert list(fast.state_dict()) == list(ref.state_dict())
-    for k, v in ref.state_dict().items():
-        assert_mask_equal(fast.state_dict()[k], v)
-    lin = make_linear()
-    FAST.l1_unstructured(lin, "weight", 0.5)
-    assert list(lin.state_dict()) == ["bias", "weight_orig", "weight_mask"]
-
-
-def test_load_state_dict_into_unpruned_model_needs_identity_first():
-    fast = pruned_net(FAST)
-    fresh = make_net()
-    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "conv.weight"'):
-        fresh.load_state_dict(fast.state_dict())
-    for mod, name in ((fresh.conv, "weight"), (fresh.fc, "weight"), (fresh.fc, "bias"), (fresh.head, "weight")):
-        FAST.identity(mod, name)
-    fresh.load_state_dict(fast.state_dict())
-    x = example_input(fresh)
-    torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)
-    torch.testing.assert_close(fresh.fc.weight, fast.fc.weight, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("how", ["pickle", "torch.save"])
-def test_round_trip(how):
-    fast = pruned_net(FAST)  # pruned under grad mode
-    if how == "pickle":
-        loaded = pickle.loads(pickle.dumps(fast))
-    else:
-        buf = io.BytesIO()
-        torch.save(fast, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
-    assert_same_pruned_state(fast, loaded, autograd=False)
-    assert hook_summary(loaded.conv) == hook_summary(fast.conv)
-    assert type(pruning_hooks(loaded.fc)[0][1]) is type(pruning_hooks(fast.fc)[0][1])
-    x = example_input(fast)
-    torch.testing.assert_close(loaded(x), fast(x), rtol=0, atol=0)
-    # the loaded model prunes on like the original
-    FAST.l1_unstructured(loaded.fc, "weight", 3)
-    FAST.l1_unstructured(fast.fc, "weight", 3)
-    assert_same_pruned_state(fast, loaded, autograd=False)
-    # and its hooks act on the loaded parameters
-    loaded(x).sum().backward()
-    assert loaded.fc.weight_orig.grad is not None and fast.fc.weight_orig.grad is None
-
-
-def test_deepcopy_under_no_grad_like_reference():
-    mods = {}
-    for key, P in LIBS.items():
-        with torch.no_grad():
-            m = pruned_net(P)
-        mods[key] = copy.deepcopy(m)
-    assert_same_pruned_state(mods["ref"], mods["fast"])
-
-
-def test_torch_compile_of_pruned_module():
-    fast = pruned_net(FAST)
-    ref = pruned_net(REF)
-    compiled = torch.compile(fast, backend="eager")
-    x = example_input(fast)
-    torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=0)
-    torch.testing.assert_close(compiled(x * 2), ref(x * 2), rtol=0, atol=0)

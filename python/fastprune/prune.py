@@ -388,15 +388,24 @@ def _container_kernel_kind(container, t, mask):
             or t.shape != mask.shape or t.device != mask.device):
         return None
     method = container._pruning_methods[-1]
-    if _is_plain(method, (LnStructured, RandomStructured)) and t.device.type != "meta":
+    # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
+    # leading dim: the method then prunes a (1, n) (or (0, n)) view instead of
+    # failing; the generic path does the same.
+    if (_is_plain(method, (LnStructured, RandomStructured)) and t.device.type != "meta"
+            and t.dim() > 1):
         return "structured"
+    if mask.is_complex():  # the unstructured kernels take real masks
+        return None
     return _kernel_kind(method)
 
 
 def _unpruned_mask(orig, scores):
     """All ones shaped like ``orig``, for a kernel: a stride-0 view of a single
-    one where the result's layout (the scores') is ``ones_like(orig)``'s too."""
-    if orig.numel() > 1 and orig.is_contiguous() and scores.is_contiguous():
+    one where the result's layout (the scores') is ``ones_like(orig)``'s too.
+    Anything else (a None parameter too) goes to ``torch.ones_like``, which
+    fails on it as the reference does."""
+    if (isinstance(orig, torch.Tensor) and isinstance(scores, torch.Tensor) and orig.numel() > 1
+            and orig.is_contiguous() and scores.is_contiguous()):
         return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
     return torch.ones_like(orig)
 
@@ -407,10 +416,13 @@ def _first_mask(method, orig, scores):
     Our unstructured methods get a stride-0 view of a single one instead (the
     kernel reads it in place and returns a fresh mask in the scores' format,
     which for contiguous tensors is the format of ``ones_like(orig)``), and so
-    does our CustomFromMask (``ones * mask`` is then a plain copy of the mask).
+    does our CustomFromMask when its mask is contiguous too (``ones * mask`` is
+    then a plain copy of the mask; with ``ones_like(orig)`` first, the product
+    takes the weight's format, as in the reference, whatever the mask's).
     """
-    plain_custom = type(method) is CustomFromMask and _unpatched(CustomFromMask)
-    if _kernel_kind(method) is not None or plain_custom:
+    if type(method) is CustomFromMask and _unpatched(CustomFromMask):
+        return _unpruned_mask(orig, method.mask)
+    if _kernel_kind(method) is not None:
         return _unpruned_mask(orig, scores)
     return torch.ones_like(orig)
 
@@ -420,15 +432,20 @@ def _magnitude_scores(t):
     t = t.detach()
     if t.dtype in _KERNEL_SCORE_DTYPES:
         return t
-    if t.is_complex():
-        return t.abs()
-    return t.to(torch.float64)
+    # torch.abs as in the reference: real for complex, and a bool tensor
+    # fails here with the reference's error.
+    magnitudes = torch.abs(t)
+    return magnitudes if magnitudes.dtype in _KERNEL_SCORE_DTYPES else magnitudes.to(torch.float64)
 
 
 def _select(scores, mask, **kwargs):
     """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device."""
     if scores.device != mask.device:
         scores = scores.to(mask.device)
+    if mask.is_complex():  # (a complex parameter) the kernel takes real masks
+        ones = torch.ones((), dtype=scores.dtype, device=mask.device).expand(mask.shape)
+        kept = ops.unstructured_mask(scores, ones, **kwargs)
+        return mask.detach().masked_fill(kept == 0, 0)
     return ops.unstructured_mask(scores, mask.detach(), **kwargs)
 
 
@@ -502,7 +519,7 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
             dim = method.dim + ndim if method.dim < 0 else method.dim
             if dim < 0:
                 raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
-            live = mask.sum(dim=[d for d in range(ndim) if d != dim]) != 0
+            live = _live_channels(mask, dim)
             if kind == "structured":
                 return _structured_on_live(method, t, mask, dim, live)
             region = [slice(None)] * ndim
@@ -515,6 +532,23 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         partial = method.compute_mask(t[region], default_mask=mask[region])
         new_mask[region] = partial.to(dtype=new_mask.dtype)
         return new_mask
+
+
+def _live_channels(mask, dim):
+    """The reference's live channels, ``mask.sum(dim=<all but dim>) != 0``.
+
+    Sums the leading dims first and then the trailing ones: torch reduces all
+    but a middle dim of a contiguous tensor in one go several times slower.
+    The order of the additions cannot change which sums are zero unless the
+    mask has negative entries. A 1-D mask (whose full sum the reference's
+    ``dim=[]`` gives: a 0-dim result), a dim out of range or not an int take
+    the reference's expression, so that they fail or index as there.
+    """
+    if not (isinstance(dim, int) and 0 <= dim < mask.dim() and mask.dim() > 1):
+        return mask.sum(dim=[d for d in range(mask.dim()) if d != dim]) != 0
+    if dim > 0:
+        mask = mask.sum(dim=list(range(dim)))
+    return (mask.sum(dim=list(range(1, mask.dim()))) if mask.dim() > 1 else mask) != 0
 
 
 def _count_ones(mask):
@@ -588,10 +622,10 @@ class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
         n = t.nelement()
         k = _compute_nparams_toprune(self.amount, n)
         _validate_pruning_amount(k, n)
-        _check_count(k)
         if k == 0:
             return default_mask.clone()
         draws = torch.rand_like(t, memory_format=torch.contiguous_format)
+        _check_count(k)  # after the draws, as the reference's topk fails after rand_like
         return _select(draws, default_mask, count=k, largest=True)
 
     @classmethod
@@ -691,7 +725,7 @@ def _structured_keep(method, t, live=None):
     k = _compute_nparams_toprune(method.amount, channels)
     _validate_pruning_amount(k, channels)
     if isinstance(method, LnStructured):
-        norms = _compute_norm(t, method.n, dim)
+        norms = _channel_norms(t, method.n, dim)
         if live is not None:
             norms = norms[live]
         if k == 0:
@@ -709,6 +743,18 @@ def _structured_keep(method, t, live=None):
     full = torch.ones(t.shape[dim], dtype=t.dtype, device=t.device)
     full[live] = keep.to(device=t.device, dtype=t.dtype)
     return full
+
+
+def _channel_norms(t, n, dim):
+    """Norms that rank ``t``'s channels: one pass of the kernel for real ``n``
+    (and ``'fro'`` on 2-D tensors, the 2-norm there), else the reference's
+    :func:`_compute_norm` (its errors included). The kernel accumulates in
+    float64, so norms equal up to rounding may rank differently than torch's."""
+    p = 2 if isinstance(n, str) and n == "fro" and t.dim() == 2 else n
+    if (isinstance(p, numbers.Real) and not isinstance(p, bool)
+            and t.dtype in _KERNEL_SCORE_DTYPES and t.numel() > 0):
+        return ops.channel_norms(t.detach(), dim, float(p))
+    return _compute_norm(t, n, dim)
 
 
 def _structured_on_live(method, t, mask, dim, live):
@@ -1004,6 +1050,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         currents.append(current)
         scores.append(importance_scores.get((module, name), current))
         masks.append(getattr(module, name + "_mask", None))
+    _check_same_device(scores)
     for (module, name), score, current in zip(parameters, scores, currents):
         if score.shape != current.shape:
             # The reference does not check: it fails later with an IndexError,
@@ -1011,7 +1058,6 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
             raise IndexError(
                 f"global_unstructured(): importance_scores for parameter {name} of {module} "
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
-    _check_same_device(scores)
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
     if not parameters:
@@ -1028,7 +1074,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     container.add_pruning_method(method)
 
     kind = _kernel_kind(method)
-    if kind is not None:
+    if kind is not None and not any(m.is_complex() for m in masks_or_ones):  # kernels take real masks
         own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
     else:
         own_masks = _global_reference_masks(container, currents, scores, masks)
@@ -1095,7 +1141,8 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     k = amount if unknown else _compute_nparams_toprune(amount, n)
     if not unknown:
         _validate_pruning_amount(k, n)
-    _check_count(k)
+    if kind == "l1" or unknown:
+        _check_count(k)  # random: after the draws below, where the reference's topk fails
     if kind == "l1":
         new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
                                             count=k, only_ones=True)
@@ -1104,6 +1151,7 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     if unknown or k == 0:
         return new
     draws = torch.rand(n, dtype=dtype, device=scores[0].device)
+    _check_count(k)
     if all(m is None for m in masks):
         # Every entry is a candidate: the draws are in concatenation order, so
         # each parameter's share is a plain view and nothing is scattered.
@@ -1140,7 +1188,8 @@ def _global_reference_masks(container, currents, scores, masks):
 
 
 def _check_same_device(tensors):
-    if any(t.device != tensors[0].device for t in tensors[1:]):
+    devices = [t.device for t in tensors]  # a None parameter fails here, as in the reference
+    if any(d != devices[0] for d in devices[1:]):
         raise TypeError("Found two parameters on different devices, this is currently not supported.")
 
 
