@@ -371,11 +371,13 @@ def test_huge_global_ties_cross_tensors():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_channel_norms_match_cpu(dtype, p):
     t = make_scores("special", (6, 300, 5, 7), dtype)
+    # CUDA's powf and glibc's may differ in the last bits of a general power.
+    rtol = 1e-12 if dtype == torch.float64 or p in (0, 1, 2, math.inf, -math.inf) else 1e-6
     for layout in ("contiguous", "channels_last", "sliced"):
         x = laid_out(t, "cuda", layout)
         for dim in range(4):
             expected = channel_norms(x.cpu(), dim, p)
-            torch.testing.assert_close(channel_norms(x, dim, p).cpu(), expected, rtol=1e-12, atol=0,
+            torch.testing.assert_close(channel_norms(x, dim, p).cpu(), expected, rtol=rtol, atol=0,
                                        equal_nan=True, msg=f"{layout} dim {dim}")
 
 

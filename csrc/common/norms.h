@@ -33,9 +33,15 @@ C10_HOST_DEVICE inline double norm_identity() {
   return K == NormKind::kMin ? std::numeric_limits<double>::infinity() : 0.0;
 }
 
-// What one entry contributes.
-template <NormKind K>
-C10_HOST_DEVICE inline double norm_term(double x, double p) {
+// What one entry contributes. A general power of a float16/bfloat16/float32
+// entry is taken in float (as torch does; several times faster than in
+// double), and only summed in double.
+template <NormKind K, typename scalar_t>
+C10_HOST_DEVICE inline double norm_term(scalar_t v, double p) {
+  if (K == NormKind::kSumPow && !std::is_same<scalar_t, double>::value) {
+    return powf(fabsf(static_cast<float>(v)), static_cast<float>(p));
+  }
+  const double x = static_cast<double>(v);
   switch (K) {
     case NormKind::kCount: return x != 0 ? 1.0 : 0.0;
     case NormKind::kSumSquares: return x * x;

@@ -19,22 +19,29 @@
 namespace fastprune {
 namespace {
 
-// One run of `n` entries folded into one value, with four independent
-// accumulators so that the loop vectorizes without reassociating one chain.
+// One run of `n` entries folded into one value, with kLanes independent
+// accumulators so that the loop vectorizes and the additions of one lane do
+// not wait on each other (a single dependent chain caps it at one add per
+// latency).
+constexpr int kLanes = 8;
+
 template <NormKind K, typename scalar_t>
 double fold_run(const scalar_t* x, int64_t n, double p) {
-  double acc[4] = {norm_identity<K>(), norm_identity<K>(), norm_identity<K>(),
-                   norm_identity<K>()};
+  double acc[kLanes];
+  for (double& a : acc) a = norm_identity<K>();
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int j = 0; j < 4; ++j) {
-      acc[j] = norm_combine<K>(acc[j], norm_term<K>(static_cast<double>(x[i + j]), p));
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc[j] = norm_combine<K>(acc[j], norm_term<K>(x[i + j], p));
     }
   }
   for (; i < n; ++i) {
-    acc[0] = norm_combine<K>(acc[0], norm_term<K>(static_cast<double>(x[i]), p));
+    acc[0] = norm_combine<K>(acc[0], norm_term<K>(x[i], p));
   }
-  return norm_combine<K>(norm_combine<K>(acc[0], acc[1]), norm_combine<K>(acc[2], acc[3]));
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] = norm_combine<K>(acc[j], acc[j + width]);
+  }
+  return acc[0];
 }
 
 template <NormKind K, typename scalar_t>
@@ -48,7 +55,16 @@ void channel_norms_kernel(const ChannelView& v, double p, double* out) {
     double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * v.channels;
     int64_t c = begin % v.channels;
     for (int64_t r = begin; r < end; ++r) {
-      acc[c] = norm_combine<K>(acc[c], fold_run<K>(x + r * v.inner, v.inner, p));
+      const scalar_t* run = x + r * v.inner;
+      if (v.inner < 2 * kLanes) {  // short runs (a middle or last dim): no lanes to set up
+        double a = acc[c];
+        for (int64_t i = 0; i < v.inner; ++i) {
+          a = norm_combine<K>(a, norm_term<K>(run[i], p));
+        }
+        acc[c] = a;
+      } else {
+        acc[c] = norm_combine<K>(acc[c], fold_run<K>(run, v.inner, p));
+      }
       if (++c == v.channels) c = 0;
     }
   });

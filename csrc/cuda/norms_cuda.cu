@@ -37,8 +37,7 @@ __global__ void channel_norms_kernel(
   double acc = norm_identity<K>();
   for (int64_t j = threadIdx.x; j < per_channel; j += kNormThreads) {
     const int64_t o = j / inner, i = j - o * inner;
-    const double v = static_cast<double>(x[(o * channels + c) * inner + i]);
-    acc = norm_combine<K>(acc, norm_term<K>(v, p));
+    acc = norm_combine<K>(acc, norm_term<K>(x[(o * channels + c) * inner + i], p));
   }
   using Reduce = cub::BlockReduce<double, kNormThreads>;
   __shared__ typename Reduce::TempStorage temp;

@@ -76,7 +76,8 @@ def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
 
     The norms of ``torch.linalg.vector_norm(t, p, dim=<every other dim>)``,
     computed in one pass with float64 accumulation (so they may differ from
-    torch's in the last bits): ``p = inf`` is max ``|x|``, ``-inf`` min ``|x|``,
+    torch's in the last bits; a general power of a float16/bfloat16/float32
+    entry is taken in float, as torch does): ``p = inf`` is max ``|x|``, ``-inf`` min ``|x|``,
     ``0`` the count of non-zeros, any other ``p`` ``(sum |x|^p)^(1/p)``; NaN
     propagates.
 
