@@ -1,5 +1,6 @@
 """Builds fastprune._C: CPU kernels always, CUDA kernels when torch has CUDA and
-nvcc is found (or FORCE_CUDA=1). Records what it built in the generated
+nvcc is found (or FORCE_CUDA=1); FASTPRUNE_SANITIZE=1 adds AddressSanitizer and
+UBSan (see tests/sanitize.sh). Records what it built in the generated
 python/fastprune/_build_info.py, which fastprune.build_info() reports."""
 import glob
 import os
@@ -24,7 +25,12 @@ def extension():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     cxx = ["-O3", "-fopenmp"]  # torch adds -DPy_LIMITED_API itself
-    kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
+    link = ["-fopenmp"]
+    if os.environ.get("FASTPRUNE_SANITIZE", "0") == "1":  # tests/sanitize.sh
+        sanitize = ["-fsanitize=address", "-fsanitize=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx, link = cxx + sanitize, link + sanitize
+        print("fastprune: building with AddressSanitizer + UBSan")
+    kwargs = dict(extra_link_args=link, py_limited_api=True)
     if use_cuda():
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_archs())

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/../.."
 
 PYTHON="$(command -v "${1:-python3}")"
 shift || true
+BUILD_DIR="${BUILD_DIR:-build-cmake}"
 
 if [ ! -d /usr/include/gtest ]; then
   apt-get update -qq
@@ -18,11 +19,11 @@ if [ ! -d /usr/include/gtest ]; then
 fi
 
 # A cache made with another interpreter would keep that one's torch.
-if [ -f build-cmake/CMakeCache.txt ] &&
-   ! grep -qxF "Python_EXECUTABLE:FILEPATH=$PYTHON" build-cmake/CMakeCache.txt; then
-  rm build-cmake/CMakeCache.txt
+if [ -f "$BUILD_DIR/CMakeCache.txt" ] &&
+   ! grep -qxF "Python_EXECUTABLE:FILEPATH=$PYTHON" "$BUILD_DIR/CMakeCache.txt"; then
+  rm "$BUILD_DIR/CMakeCache.txt"
 fi
 
-cmake -S . -B build-cmake -DPython_EXECUTABLE="$PYTHON" "$@"
-cmake --build build-cmake -j2
-ctest --test-dir build-cmake --output-on-failure
+cmake -S . -B "$BUILD_DIR" -DPython_EXECUTABLE="$PYTHON" "$@"
+cmake --build "$BUILD_DIR" -j2
+ctest --test-dir "$BUILD_DIR" --output-on-failure
