@@ -457,6 +457,15 @@ def _check_count(k):
         raise RuntimeError("selected index k out of range")
 
 
+def _check_draws(draws, k):
+    """What the reference's ``topk`` over its random draws rejects, checked
+    after drawing as there (so the RNG moves the same): a bad count, and
+    complex draws (of a complex parameter), with torch's own error."""
+    _check_count(k)
+    if draws.is_complex():
+        torch.topk(draws.reshape(-1)[:1], 1)  # raises "topk does not support complex dtypes"
+
+
 class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
     """The sequence of pruning methods applied, in order, to one tensor.
 
@@ -625,7 +634,7 @@ class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
         if k == 0:
             return default_mask.clone()
         draws = torch.rand_like(t, memory_format=torch.contiguous_format)
-        _check_count(k)  # after the draws, as the reference's topk fails after rand_like
+        _check_draws(draws, k)
         return _select(draws, default_mask, count=k, largest=True)
 
     @classmethod
@@ -1151,7 +1160,7 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     if unknown or k == 0:
         return new
     draws = torch.rand(n, dtype=dtype, device=scores[0].device)
-    _check_count(k)
+    _check_draws(draws, k)
     if all(m is None for m in masks):
         # Every entry is a candidate: the draws are in concatenation order, so
         # each parameter's share is a plain view and nothing is scattered.
