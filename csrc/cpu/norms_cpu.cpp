@@ -19,14 +19,20 @@
 namespace fastprune {
 namespace {
 
-// One run of `n` entries folded into one value, with kLanes independent
-// accumulators so that the loop vectorizes and the additions of one lane do
-// not wait on each other (a single dependent chain caps it at one add per
-// latency).
+// One run of `n` entries folded into one value. Long runs use kLanes
+// independent accumulators so that the loop vectorizes and the additions of
+// one lane do not wait on each other (a single dependent chain caps it at one
+// add per latency); short runs (a middle or last channel dim) use one, as
+// setting up and combining the lanes would cost more than the run.
 constexpr int kLanes = 8;
 
 template <NormKind K, typename scalar_t>
 double fold_run(const scalar_t* x, int64_t n, double p) {
+  if (n < 2 * kLanes) {
+    double a = norm_identity<K>();
+    for (int64_t i = 0; i < n; ++i) a = norm_combine<K>(a, norm_term<K>(x[i], p));
+    return a;
+  }
   double acc[kLanes];
   for (double& a : acc) a = norm_identity<K>();
   int64_t i = 0;
@@ -55,16 +61,7 @@ void channel_norms_kernel(const ChannelView& v, double p, double* out) {
     double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * v.channels;
     int64_t c = begin % v.channels;
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* run = x + r * v.inner;
-      if (v.inner < 2 * kLanes) {  // short runs (a middle or last dim): no lanes to set up
-        double a = acc[c];
-        for (int64_t i = 0; i < v.inner; ++i) {
-          a = norm_combine<K>(a, norm_term<K>(run[i], p));
-        }
-        acc[c] = a;
-      } else {
-        acc[c] = norm_combine<K>(acc[c], fold_run<K>(run, v.inner, p));
-      }
+      acc[c] = norm_combine<K>(acc[c], fold_run<K>(x + r * v.inner, v.inner, p));
       if (++c == v.channels) c = 0;
     }
   });
