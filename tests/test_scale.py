@@ -1,6 +1,6 @@
 """Selections spanning more than 2**31 elements (64-bit positions and counts).
 
-float16 scores and bool masks keep each test to about 7 GB; marked slow.
+float16 scores and bool masks keep the tests to about 7 and 10 GB; marked slow.
 """
 import pytest
 import torch

@@ -762,7 +762,7 @@ def _channel_norms(t, n, dim):
     p = 2 if isinstance(n, str) and n == "fro" and t.dim() == 2 else n
     if (isinstance(p, numbers.Real) and not isinstance(p, bool)
             and t.dtype in _KERNEL_SCORE_DTYPES and t.numel() > 0):
-        return ops.channel_norms(t.detach(), dim, float(p))
+        return ops.channel_norms(t.detach(), dim, p)
     return _compute_norm(t, n, dim)
 
 
