@@ -39,4 +39,8 @@ TORCH_LIBRARY(fastprune, m) {
   // (NaN propagates). Any strides; the result ranks the channels of
   // structured pruning.
   m.def("channel_norms(Tensor t, int dim, float p) -> Tensor");
+  // Asks the OS to back the not yet touched pages of `t`'s storage with
+  // transparent huge pages (Linux; elsewhere, and below 2 MiB, nothing). Values
+  // are unchanged; fresh large outputs then cost a few times less to fault in.
+  m.def("advise_huge_pages(Tensor t) -> ()");
 }

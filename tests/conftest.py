@@ -246,10 +246,11 @@ def assert_same_pruned_state(ref_module, fast_module, autograd=True):
             rv, fv = getattr(r, n), getattr(f, n)
             assert not isinstance(fv, nn.Parameter)
             assert fv.dtype == rv.dtype
+            assert fv.stride() == rv.stride(), f"{mname}.{n}: strides {fv.stride()} vs {rv.stride()}"
             torch.testing.assert_close(fv, rv, rtol=0, atol=0, equal_nan=True)
             if autograd:
                 assert fv.requires_grad == rv.requires_grad
-                assert (fv.grad_fn is None) == (rv.grad_fn is None)
+                assert type(fv.grad_fn) is type(rv.grad_fn), f"{mname}.{n}: {fv.grad_fn} vs {rv.grad_fn}"
     assert list(fast_module.state_dict()) == list(ref_module.state_dict())
     assert REF.is_pruned(fast_module) == REF.is_pruned(ref_module)
 

@@ -2,6 +2,7 @@
 tie-free inputs, for every public function, class and helper (SPEC Part B)."""
 import copy
 import inspect
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -760,3 +761,70 @@ def test_compute_norm(n, dim):
         torch.testing.assert_close(fast[1], ref[1])
     t2 = tie_free((6, 7))
     torch.testing.assert_close(FAST._compute_norm(t2, n, dim % 2), REF._compute_norm(t2, n, dim % 2))
+
+
+# ----------------------------------------------------------------------------
+# Large tensors: the pruned tensor is built in huge-page memory
+# ----------------------------------------------------------------------------
+
+def large_linear(dtype=torch.float32):
+    """A Linear whose weight (8 MiB in float32) takes the huge-page product."""
+    m = nn.Linear(1024, 2048).to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(tie_free(m.weight.shape, dtype, seed=3))
+    return m
+
+
+@pytest.fixture
+def huge_products(monkeypatch):
+    """Counts the pruned tensors fastprune builds in huge-page memory."""
+    calls = []
+    advise = FAST.ops.advise_huge_pages
+    monkeypatch.setattr(FAST.ops, "advise_huge_pages", lambda t: calls.append(t.shape) or advise(t))
+    return calls
+
+
+LARGE_STEPS = {
+    "l1": lambda lib, m: lib.l1_unstructured(m, "weight", 0.3),
+    "l1_then_random": lambda lib, m: lib.random_unstructured(lib.l1_unstructured(m, "weight", 0.3), "weight", 0.2),
+    "structured": lambda lib, m: lib.ln_structured(m, "weight", 0.25, 1, 0),
+    "bool_mask": lambda lib, m: lib.custom_from_mask(m, "weight", torch.rand(2048, 1024) > 0.5),
+    "global": lambda lib, m: lib.global_unstructured([(m, "weight"), (m, "bias")], lib.L1Unstructured, amount=0.4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "frozen", "inference"])
+@pytest.mark.parametrize("step", list(LARGE_STEPS))
+def test_large_pruned_tensor(step, mode, dtype, huge_products):
+    """Same values, strides, grad_fn and gradients as the reference's ``mask * orig``."""
+    def make():
+        m = large_linear(dtype)
+        m.weight.requires_grad_(mode != "frozen")
+        return m
+
+    def context():
+        return {"no_grad": torch.no_grad(), "inference": torch.inference_mode()}.get(mode, nullcontext())
+
+    def prune(lib, m):
+        with context():
+            return LARGE_STEPS[step](lib, m)
+
+    ref, fast, _ = run_both(make, prune)
+    assert huge_products, "the large weight did not take the huge-page path"
+    if mode == "grad":
+        assert type(fast.weight.grad_fn).__name__ == "MulBackward0"
+    x = torch.randn(3, 1024, dtype=dtype)
+    # (masks made in inference mode are only usable in inference mode, in both libraries)
+    with torch.inference_mode(mode == "inference"):
+        outs = [m(x) for m in (ref, fast)]
+    assert_mask_equal(outs[1], outs[0])
+    if mode in ("grad", "no_grad"):
+        for out in outs:
+            out.square().sum().backward()
+        assert_mask_equal(fast.weight_orig.grad, ref.weight_orig.grad)
+        assert (fast.weight_orig.grad[fast.weight_mask == 0] == 0).all()
+    with torch.inference_mode(mode == "inference"):
+        for lib, m in ((REF, ref), (FAST, fast)):
+            lib.remove(m, "weight")
+    assert_same_pruned_state(ref, fast)

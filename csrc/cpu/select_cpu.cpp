@@ -37,8 +37,8 @@ namespace {
 void advise_huge_pages(const at::Tensor& t) {
 #ifdef __linux__
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
+  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t end = begin + t.storage().nbytes();
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t hi = end & ~(kHuge - 1);
   if (hi > lo) {
@@ -404,6 +404,7 @@ std::vector<at::Tensor> global_unstructured_masks_cpu(
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("unstructured_mask", &unstructured_mask_cpu);
   m.impl("global_unstructured_masks", &global_unstructured_masks_cpu);
+  m.impl("advise_huge_pages", &advise_huge_pages);
 }
 
 }  // namespace fastprune

@@ -26,3 +26,8 @@ def _channel_norms_fake(t, dim, p):
     torch._check(t.is_floating_point(), lambda: "channel_norms: expected a floating point tensor")
     torch._check(t.dim() >= 1, lambda: "channel_norms: expected a tensor with at least one dimension")
     return t.new_empty((t.shape[dim],), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastprune::advise_huge_pages")
+def _advise_huge_pages_fake(t):
+    return None

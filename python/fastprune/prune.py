@@ -132,7 +132,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             raise AssertionError(f"Module {module} has to be pruned")
         name = self._tensor_name
         orig = getattr(module, name + "_orig")
-        return getattr(module, name + "_mask").to(dtype=orig.dtype) * orig
+        return _masked_product(getattr(module, name + "_mask").to(dtype=orig.dtype), orig)
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
@@ -408,6 +408,31 @@ def _unpruned_mask(orig, scores):
             and orig.is_contiguous() and scores.is_contiguous()):
         return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
     return torch.ones_like(orig)
+
+
+# Below this, the huge-page product does not pay (a 2 MiB page or two at most).
+_HUGE_PRODUCT_BYTES = 8 << 20
+
+
+def _masked_product(mask, orig):
+    """``mask * orig``, the pruned tensor.
+
+    A large plain CPU tensor is built as ``orig`` copied into memory asked for
+    in huge pages, then multiplied in place by ``mask``: fresh 4 KiB pages
+    cost more to fault in than the product itself. The values are the same
+    bits (the product commutes), the result's ``grad_fn`` is ``MulBackward0``
+    under grad mode and ``orig`` gets the same gradient; its graph has one more
+    node (``CopyBackwards``) before ``orig``.
+    """
+    if (type(orig) in (torch.Tensor, torch.nn.Parameter) and type(mask) is torch.Tensor
+            and orig.device.type == "cpu" and orig.is_floating_point()
+            and mask.dtype == orig.dtype and mask.shape == orig.shape and not mask.requires_grad
+            and orig.is_contiguous() and mask.is_contiguous() and orig.nbytes >= _HUGE_PRODUCT_BYTES
+            and not torch.compiler.is_compiling()):
+        out = torch.empty_like(orig, requires_grad=False)
+        ops.advise_huge_pages(out)
+        return out.copy_(orig).mul_(mask)
+    return mask * orig
 
 
 def _first_mask(method, orig, scores):
