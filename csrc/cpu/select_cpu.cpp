@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -66,6 +67,9 @@ class UnstructuredSelect {
   static constexpr int kWays = 4;
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
   static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
+  static constexpr int64_t kMaxSample = int64_t{1} << 17;
+  static constexpr double kZ = 5.0;  // bracket half-width, in standard deviations
+  static constexpr int64_t kLane = 16;
 
   struct Candidate {
     key_t key;
@@ -89,6 +93,7 @@ class UnstructuredSelect {
       run_small(count, fraction);
       return;
     }
+    if (run_sampled(count, fraction)) return;
     histogram(0, 0);
     int64_t n = 0;
     for (int64_t c : candidates_) n += c;
@@ -123,6 +128,143 @@ class UnstructuredSelect {
         k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
         " candidates");
     return k;
+  }
+
+  // One pass instead of two or more, exact but for speed a bet on a sample:
+  // a strided sample of the candidates' keys brackets the threshold key in
+  // [lo, hi) with a wide margin (kZ standard deviations of the sample rank);
+  // one pass then prunes every candidate below lo, keeps the others and
+  // collects those inside the bracket, and the k - below smallest of these
+  // (key, position) are pruned after. Returns false, having written outputs
+  // the exact passes will overwrite, when the bracket misses the threshold or
+  // holds too many entries (heavy ties).
+  bool run_sampled(int64_t count, double fraction) {
+    const int64_t s = std::min(kMaxSample, std::max(numel_ / 128, kSmall));
+    std::vector<key_t> sample = sample_keys(s);
+    const auto m = static_cast<int64_t>(sample.size());
+    if (m == 0) return false;
+    const double q = static_cast<double>(m) / s;  // share of candidates
+    const double p = std::clamp(count >= 0 ? count / (q * numel_) : fraction, 0.0, 1.0);
+    // Rank spread: of the sample's quantile, and (a count, not a fraction)
+    // of the candidate total estimated from the sample.
+    double spread = std::sqrt(m * p * (1 - p));
+    if (count >= 0) spread += m * p * std::sqrt((1 - q) / (q * s));
+    const double rank = p * m, margin = kZ * spread + 1;
+    const auto lo_rank = static_cast<int64_t>(std::floor(rank - margin));
+    const auto hi_rank = static_cast<int64_t>(std::ceil(rank + margin));
+    key_t lo = 0, hi = static_cast<key_t>(~key_t{0});  // no entry has key ~0
+    if (lo_rank > 0) {
+      std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+      lo = sample[lo_rank];
+    }
+    if (hi_rank < m) {
+      std::nth_element(sample.begin() + std::max<int64_t>(lo_rank, 0),
+                       sample.begin() + hi_rank, sample.end());
+      hi = std::max<key_t>(sample[hi_rank], lo + 1);
+    }
+    const key_t width = hi - lo;
+    // Room for four times the entries the margin should bring in; more means
+    // heavy ties at the bracket, left to the exact passes.
+    const int64_t ranks = std::min(hi_rank, m) - std::max<int64_t>(lo_rank, 0) + 1;
+    const int64_t cap = 4 * ranks * (numel_ / s + 1) + kBins;
+
+    std::vector<std::vector<Candidate>> pools(chunks_);
+    std::vector<int64_t> below(chunks_), cands(chunks_);
+    std::vector<char> overflow(chunks_, 0);
+    const bool largest = largest_;
+    for_each_chunk([&](int64_t c) {
+      std::vector<Candidate>& pool = pools[c];
+      int64_t used = 0, nb = 0, nc = 0;
+      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* sc,
+                            const auto* mk, auto* out, int64_t b, int64_t e,
+                            int64_t begin) {
+        using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(mk)>>;
+        const key_t l = lo, w = width;
+        const bool lg = largest;
+        // One block of kLane entries from i0 (fewer at the end when `tail`):
+        // a branch-free loop the compiler vectorizes, then a second, branch-free
+        // look only at blocks with entries in the bracket.
+        auto block = [&](int64_t i0, auto tail) {
+          const int64_t len = decltype(tail)::value ? e - i0 : kLane;
+          uint32_t hits = 0, cuts = 0, live = 0;
+          for (int64_t j = 0; j < len; ++j) {
+            const mask_t v = mk[decltype(broadcast)::value ? 0 : i0 + j];
+            uint32_t cand = 1;
+            if constexpr (decltype(only_ones)::value) cand = v == mask_t(1);
+            const key_t key = magnitude_key(sc[i0 + j], lg);
+            const uint32_t cut = cand & (key < l);
+            hits += cand & (static_cast<key_t>(key - l) < w);
+            cuts += cut;
+            live += cand;
+            out[i0 + j] = keep_or_zero(v, !cut);
+          }
+          nb += cuts;
+          nc += live;
+          if (C10_LIKELY(hits == 0)) return;
+          if (used + hits > cap) {
+            overflow[c] = 1;
+            return;
+          }
+          if (used + kLane > static_cast<int64_t>(pool.size())) {
+            pool.resize(std::max<int64_t>(2 * pool.size(), used + kLane));
+          }
+          for (int64_t j = 0; j < len; ++j) {
+            uint32_t cand = 1;
+            if constexpr (decltype(only_ones)::value) {
+              cand = mk[decltype(broadcast)::value ? 0 : i0 + j] == mask_t(1);
+            }
+            const key_t key = magnitude_key(sc[i0 + j], lg);
+            pool[used] = Candidate{key, begin + i0 + j};
+            used += cand & (static_cast<key_t>(key - l) < w);
+          }
+        };
+        int64_t i0 = b;
+        for (; i0 + kLane <= e && !overflow[c]; i0 += kLane) block(i0, std::false_type{});
+        if (i0 < e && !overflow[c]) block(i0, std::true_type{});
+      });
+      pool.resize(used);
+      below[c] = nb;
+      cands[c] = nc;
+    });
+    if (std::find(overflow.begin(), overflow.end(), 1) != overflow.end()) return false;
+    int64_t n = 0, nbelow = 0;
+    for (int64_t c = 0; c < chunks_; ++c) {
+      n += cands[c];
+      nbelow += below[c];
+    }
+    const int64_t k = prune_count(count, fraction, n);
+    std::vector<Candidate> pool;
+    for (auto& part : pools) {
+      pool.insert(pool.end(), part.begin(), part.end());
+      std::vector<Candidate>().swap(part);
+    }
+    const int64_t need = k - nbelow;
+    if (need < 0 || need > static_cast<int64_t>(pool.size())) return false;
+    if (need > 0) std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end());
+    zero_at(pool, need);
+    return true;
+  }
+
+  // Keys of the candidates among s entries evenly spaced over the concatenation.
+  std::vector<key_t> sample_keys(int64_t s) const {
+    std::vector<key_t> keys;
+    keys.reserve(s);
+    const int64_t step = numel_ / s;  // >= 1: s <= numel_
+    int64_t j = 0;
+    for (const Segment& seg : segs_) {
+      const auto* sc = static_cast<const score_t*>(seg.scores);
+      AT_DISPATCH_ALL_TYPES_AND3(
+          at::kHalf, at::kBFloat16, at::kBool, seg.mask_type, "fastprune_sample", [&] {
+            const auto* mk = static_cast<const scalar_t*>(seg.mask);
+            for (; j < s; ++j) {
+              const int64_t i = j * step + step / 2 - seg.begin;
+              if (i >= seg.numel) break;
+              if (only_ones_ && !(mk[seg.broadcast ? 0 : i] == scalar_t(1))) continue;
+              keys.push_back(magnitude_key(sc[i], largest_));
+            }
+          });
+    }
+    return keys;
   }
 
   // Small inputs: collect every candidate, select the k smallest (key,

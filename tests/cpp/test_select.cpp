@@ -592,6 +592,36 @@ TEST(UnstructuredMask, LargeInputsAnyThreadCount) {
   }
 }
 
+TEST(UnstructuredMask, ExactWhenTheSampleMisleads) {
+  // The one-pass select brackets the threshold from an evenly spaced sample.
+  // Here every entry a sample could hit (one per 8 or more, wherever it
+  // starts) is far above all the others, so the bracket misses; and with ties
+  // at the threshold it overflows. Either way the exact passes must take over.
+  const int64_t size = int64_t{1} << 20;
+  ThreadsGuard guard;
+  std::mt19937_64 rng(8);
+  for (at::ScalarType dtype : kScoreTypes) {
+    for (bool ties : {false, true}) {
+      at::Tensor scores = make_scores(Dist::kUniform, size, at::kDouble, rng).abs_();
+      if (ties) scores.masked_fill_(scores < 0.7, 0.25);
+      scores.view({-1, 8}).select(1, 0).add_(1000.0);
+      scores.view({-1, 8}).select(1, 4).add_(1000.0);
+      scores = scores.to(dtype);
+      const at::Tensor mask = at::ones({size}, at::kFloat);
+      const std::vector<int64_t> order = reference_order(scores, mask, false, false);
+      for (int64_t k : {size / 3, size / 2, size - 5}) {
+        for (int threads : {1, 2}) {
+          SCOPED_TRACE(std::string(c10::toString(dtype)) + (ties ? " ties" : "") + ", k " +
+                       std::to_string(k) + ", " + std::to_string(threads) + " threads");
+          at::set_num_threads(threads);
+          expect_same_bits(unstructured_mask(scores, mask, k, 0.0, false, false),
+                           reference_mask(mask, order, k));
+        }
+      }
+    }
+  }
+}
+
 TEST(UnstructuredMask, LayoutsAndShapes) {
   std::mt19937_64 rng(4);
   const at::Tensor scores = make_scores(Dist::kDuplicates, 6 * 50, at::kFloat, rng);
