@@ -610,3 +610,24 @@ def test_channel_norms_opcheck():
     t = tie_free((4, 5, 3), torch.float32, seed=2)
     for args in ((t, 1, 2.0), (t.half().transpose(0, 2), -1, math.inf), (torch.empty(0, 3), 1, 1.0)):
         torch.library.opcheck(torch.ops.fastprune.channel_norms.default, args)
+
+
+# ----------------------------------------------------------------------------
+# advise_huge_pages
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (3 << 20,)], ids=str)
+def test_advise_huge_pages_keeps_values(shape):
+    t = tie_free(shape, torch.float32, seed=4)
+    before = t.clone()
+    assert fastprune.ops.advise_huge_pages(t) is None
+    assert_bitwise_equal(t, before)
+    fresh = torch.empty(shape)
+    fastprune.ops.advise_huge_pages(fresh)  # then written: the normal use
+    fresh.copy_(t)
+    assert_bitwise_equal(fresh, before)
+
+
+def test_advise_huge_pages_opcheck():
+    for t in (torch.ones(5), torch.ones(1 << 20)[1:], torch.empty(0)):
+        torch.library.opcheck(torch.ops.fastprune.advise_huge_pages.default, (t,))

@@ -768,7 +768,8 @@ def test_compute_norm(n, dim):
 # ----------------------------------------------------------------------------
 
 def large_linear(dtype=torch.float32):
-    """A Linear whose weight (8 MiB in float32) takes the huge-page product."""
+    """A Linear whose weight (8 MiB in float32) takes the huge-page product
+    (with the threshold lowered by ``huge_products``)."""
     m = nn.Linear(1024, 2048).to(dtype)
     with torch.no_grad():
         m.weight.copy_(tie_free(m.weight.shape, dtype, seed=3))
@@ -777,7 +778,9 @@ def large_linear(dtype=torch.float32):
 
 @pytest.fixture
 def huge_products(monkeypatch):
-    """Counts the pruned tensors fastprune builds in huge-page memory."""
+    """Counts the pruned tensors fastprune builds in huge-page memory, which
+    it does from 8 MiB on during the test (the path is the same at any size)."""
+    monkeypatch.setattr(FAST, "_HUGE_PRODUCT_BYTES", 8 << 20)
     calls = []
     advise = FAST.ops.advise_huge_pages
     monkeypatch.setattr(FAST.ops, "advise_huge_pages", lambda t: calls.append(t.shape) or advise(t))
