@@ -240,8 +240,7 @@ class UnstructuredSelect {
     }
     const int64_t need = k - nbelow;
     if (need < 0 || need > static_cast<int64_t>(pool.size())) return false;
-    if (need > 0) std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end());
-    zero_at(pool, need);
+    prune_smallest(pool, need);
     return true;
   }
 
@@ -274,20 +273,45 @@ class UnstructuredSelect {
     Candidate* end = pool.data();
     write_with([&](int64_t) { return CollectAll{&end}; });
     pool.resize(end - pool.data());
-    const int64_t k = prune_count(count, fraction, static_cast<int64_t>(pool.size()));
-    if (k > 0) std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end());
-    zero_at(pool, k);
+    prune_smallest(pool, prune_count(count, fraction, static_cast<int64_t>(pool.size())));
   }
 
-  // Sets the outputs of the first `count` candidates of `pool` to 0.
-  void zero_at(const std::vector<Candidate>& pool, int64_t count) const {
-    for (int64_t j = 0; j < count; ++j) {
-      const Segment& seg = segment_of(pool[j].index);
-      const size_t size = c10::elementSize(seg.mask_type);
-      // An all-zero byte pattern is 0 (or false) in every mask dtype.
-      std::memset(
-          static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
+  // Sets the outputs of the `count` smallest (key, position) of `pool` to 0.
+  // A large pool is first narrowed by a histogram of its keys' spread, so
+  // that the element-wise select runs on one bin.
+  void prune_smallest(std::vector<Candidate>& pool, int64_t count) const {
+    if (count <= 0) return;
+    auto first = pool.begin(), last = pool.end();
+    int64_t rank = count;
+    if (static_cast<int64_t>(pool.size()) > kBins) {
+      key_t lo = first->key, hi = first->key;
+      for (const Candidate& c : pool) {
+        lo = std::min(lo, c.key);
+        hi = std::max(hi, c.key);
+      }
+      int shift = 0;
+      while ((static_cast<key_t>(hi - lo) >> shift) >= kBins) ++shift;
+      auto bin_of = [&](const Candidate& c) {
+        return static_cast<uint32_t>(static_cast<key_t>(c.key - lo) >> shift);
+      };
+      std::vector<int64_t> hist(kBins, 0);
+      for (const Candidate& c : pool) ++hist[bin_of(c)];
+      const Bucket b = find_bucket(hist.data(), count);
+      first = std::partition(pool.begin(), pool.end(),
+                             [&](const Candidate& c) { return bin_of(c) < b.bin; });
+      last = std::partition(first, last, [&](const Candidate& c) { return bin_of(c) == b.bin; });
+      rank -= b.below;
     }
+    std::nth_element(first, first + (rank - 1), last);
+    at::parallel_for(0, count, int64_t{1} << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const Segment& seg = segment_of(pool[j].index);
+        const size_t size = c10::elementSize(seg.mask_type);
+        // An all-zero byte pattern is 0 (or false) in every mask dtype.
+        std::memset(
+            static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
+      }
+    });
   }
 
   int64_t lo(int64_t chunk) const { return numel_ * chunk / chunks_; }
@@ -490,8 +514,7 @@ class UnstructuredSelect {
     }
     std::vector<Candidate> pool(offset[chunks_]);
     write_with([&](int64_t c) { return PruneBelowBin{bin, pool.data() + offset[c]}; });
-    std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end());
-    zero_at(pool, need);
+    prune_smallest(pool, need);
   }
 
   std::vector<Segment> segs_;

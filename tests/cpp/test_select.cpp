@@ -592,6 +592,29 @@ TEST(UnstructuredMask, LargeInputsAnyThreadCount) {
   }
 }
 
+TEST(UnstructuredMask, LargeBracketsAreNarrowedExactly) {
+  // 2^23 entries: the one-pass select's bracket holds > 2^16 entries, which
+  // are narrowed by a histogram of their keys before the final select.
+  const int64_t size = (int64_t{1} << 23) + 7;
+  ThreadsGuard guard;
+  at::set_num_threads(2);
+  std::mt19937_64 rng(9);
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf}) {
+    const at::Tensor scores = make_scores(Dist::kNormal, size, dtype, rng);
+    const at::Tensor mask = make_mask(size, at::kFloat, true, rng);
+    for (bool only_ones : {false, true}) {
+      const std::vector<int64_t> order = reference_order(scores, mask, only_ones, false);
+      const auto n = static_cast<int64_t>(order.size());
+      for (int64_t k : {n / 2, static_cast<int64_t>(rng() % (n + 1))}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + (only_ones ? " only ones" : "") +
+                     ", k " + std::to_string(k));
+        expect_same_bits(unstructured_mask(scores, mask, k, 0.0, only_ones, false),
+                         reference_mask(mask, order, k));
+      }
+    }
+  }
+}
+
 TEST(UnstructuredMask, ExactWhenTheSampleMisleads) {
   // The one-pass select brackets the threshold from an evenly spaced sample.
   // Here every entry a sample could hit (one per 8 or more, wherever it
