@@ -67,7 +67,7 @@ class UnstructuredSelect {
   static constexpr int kWays = 4;
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
   static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
-  static constexpr int64_t kMaxSample = int64_t{1} << 17;
+  static constexpr int64_t kMaxSample = int64_t{1} << 19;
   static constexpr double kZ = 5.0;  // bracket half-width, in standard deviations
   static constexpr int64_t kLane = 16;
 
@@ -234,6 +234,9 @@ class UnstructuredSelect {
     }
     const int64_t k = prune_count(count, fraction, n);
     std::vector<Candidate> pool;
+    size_t total = 0;
+    for (const auto& part : pools) total += part.size();
+    pool.reserve(total);
     for (auto& part : pools) {
       pool.insert(pool.end(), part.begin(), part.end());
       std::vector<Candidate>().swap(part);
