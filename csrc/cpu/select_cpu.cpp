@@ -1,16 +1,19 @@
 // CPU kernels of the unstructured (magnitude / random-draw) select.
 //
-// Radix select on the keys of csrc/common/select.h, 16-bit digits, never a
-// sort: a histogram pass per digit over the candidates, read in place (the
-// restriction to mask == 1 is read inside the pass; nothing is gathered or
-// scattered), then one pass that writes the new mask. For 32- and 64-bit keys
-// the first histogram usually leaves a small bucket of candidates; then the
-// write pass also collects that bucket and a small select over it finishes the
-// job, so fp32 needs two passes over the data instead of three.
+// On the keys of csrc/common/select.h, never a sort, reading scores and masks
+// in place (the restriction to mask == 1 is read inside the passes; nothing is
+// gathered or scattered). First try, one pass: a strided sample of the keys
+// brackets the threshold, the pass writes the mask for everything outside the
+// bracket and collects the few entries inside it, and a select over those
+// finishes the job. When the sample misleads (a miss, or heavy ties), the
+// exact radix select runs: a histogram pass per 16-bit digit, then one pass
+// that writes the mask; for 32- and 64-bit keys that pass usually also
+// collects the first digit's threshold bucket, so fp32 needs two passes.
 //
-// Work is split into one fixed contiguous chunk per thread; per-chunk
-// histograms give every chunk its exact share of the threshold ties, so the
-// tie rule (lower flat index first) holds for any thread count.
+// Work is split into one fixed contiguous chunk per thread; per-chunk counts
+// give every chunk its exact share of the threshold ties, and the collected
+// entries are ranked by (key, position), so the tie rule (lower flat index
+// first) holds for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
