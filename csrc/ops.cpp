@@ -39,8 +39,17 @@ TORCH_LIBRARY(fastprune, m) {
   // (NaN propagates). Any strides; the result ranks the channels of
   // structured pruning.
   m.def("channel_norms(Tensor t, int dim, float p) -> Tensor");
-  // Asks the OS to back the not yet touched pages of `t`'s storage with
-  // transparent huge pages (Linux; elsewhere, and below 2 MiB, nothing). Values
-  // are unchanged; fresh large outputs then cost a few times less to fault in.
-  m.def("advise_huge_pages(Tensor t) -> ()");
+  // An uninitialized tensor like `t` (dtype, sizes, strides). On the CPU, from
+  // the cache's min_bytes on, its memory is a block of fastprune's CPU block
+  // cache that earlier outputs gave back (pages already mapped), and returns
+  // there when the tensor dies.
+  m.def("cached_empty_like(Tensor t) -> Tensor");
+  // The CPU block cache's state: [cached bytes, limit, min_bytes, hits, misses].
+  m.def("cache_info() -> int[]");
+  // Sets the cache's limit (bytes it may hold; 0 turns it off) and min_bytes
+  // (smallest output it serves); a negative value keeps the current one.
+  // Frees the blocks above the limit; returns cache_info() as it was before.
+  m.def("configure_cache(int limit, int min_bytes) -> int[]");
+  // Returns every cached block to the OS; the result is the bytes freed.
+  m.def("empty_cache() -> int");
 }

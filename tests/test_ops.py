@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import fastprune  # noqa: F401  (registers torch.ops.fastprune)
+import fastprune
 from fastprune.ops import channel_norms, global_unstructured_masks, unstructured_mask
 
 from conftest import FLOAT_DTYPES, assert_bitwise_equal, select_oracle as oracle, tie_free
@@ -613,21 +613,101 @@ def test_channel_norms_opcheck():
 
 
 # ----------------------------------------------------------------------------
-# advise_huge_pages
+# cached_empty_like and the CPU block cache
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(0,), (7,), (3 << 20,)], ids=str)
-def test_advise_huge_pages_keeps_values(shape):
-    t = tie_free(shape, torch.float32, seed=4)
-    before = t.clone()
-    assert fastprune.ops.advise_huge_pages(t) is None
-    assert_bitwise_equal(t, before)
-    fresh = torch.empty(shape)
-    fastprune.ops.advise_huge_pages(fresh)  # then written: the normal use
-    fresh.copy_(t)
-    assert_bitwise_equal(fresh, before)
+@pytest.fixture
+def small_blocks():
+    """The block cache serving outputs from 1 MiB (restored after the test)."""
+    old = fastprune.set_cache_limit(min_bytes=1 << 20)
+    yield 1 << 20
+    fastprune.set_cache_limit(old["limit_bytes"], min_bytes=old["min_bytes"])
 
 
-def test_advise_huge_pages_opcheck():
-    for t in (torch.ones(5), torch.ones(1 << 20)[1:], torch.empty(0)):
-        torch.library.opcheck(torch.ops.fastprune.advise_huge_pages.default, (t,))
+def served():
+    info = fastprune.cache_info()
+    return info["hits"] + info["misses"]
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.ones(512, 1024),
+    "channels_last": lambda: torch.ones(16, 64, 32, 16).to(memory_format=torch.channels_last),
+    "transposed": lambda: torch.ones(1024, 512).t(),
+    "not_dense": lambda: torch.ones(1024, 1024)[:, ::2],
+    "empty": lambda: torch.ones(0, 1 << 20),
+    "double": lambda: torch.ones(512, 512, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cached_empty_like_has_empty_likes_layout(layout, small_blocks):
+    t = LAYOUTS[layout]().requires_grad_(layout != "empty")
+    before = served()
+    out = fastprune.ops.cached_empty_like(t)
+    ref = torch.empty_like(t)
+    assert (out.shape, out.stride(), out.dtype, out.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
+    assert not out.requires_grad
+    assert served() == before + (t.numel() * t.element_size() >= small_blocks)
+    out.fill_(3)  # the whole storage is writable
+    assert bool((out == 3).all())
+
+
+def test_a_freed_block_is_reused_and_a_live_one_never_shared(small_blocks):
+    like = torch.ones(1 << 19)  # 2 MiB
+    a = fastprune.ops.cached_empty_like(like).fill_(1)
+    b = fastprune.ops.cached_empty_like(like).fill_(2)
+    assert a.data_ptr() != b.data_ptr()
+    ptr = a.data_ptr()
+    del a
+    hits = fastprune.cache_info()["hits"]
+    c = fastprune.ops.cached_empty_like(like)
+    assert fastprune.cache_info()["hits"] == hits + 1 and c.data_ptr() == ptr
+    c.fill_(5)
+    assert bool((b == 2).all())
+
+
+def test_cache_limit_evicts_and_zero_turns_it_off(small_blocks):
+    like = torch.ones(1 << 19)  # 2 MiB
+    fastprune.empty_cache()
+    old = fastprune.set_cache_limit(3 << 20)
+    try:
+        blocks = [fastprune.ops.cached_empty_like(like) for _ in range(3)]
+        del blocks
+        assert fastprune.cache_info()["cached_bytes"] == 2 << 20  # the oldest went
+        assert fastprune.empty_cache() == 2 << 20
+        assert fastprune.cache_info()["cached_bytes"] == 0
+        fastprune.set_cache_limit(0)
+        before = served()
+        x = fastprune.ops.cached_empty_like(like)
+        del x
+        assert served() == before and fastprune.cache_info()["cached_bytes"] == 0
+    finally:
+        fastprune.set_cache_limit(old["limit_bytes"])
+
+
+def test_kernel_outputs_come_from_the_cache(small_blocks):
+    scores = tie_free((1 << 19,), torch.float32, seed=5)
+    first = unstructured_mask(scores, torch.ones(1 << 19), count=1000)
+    ptr = first.data_ptr()
+    expected = first.clone()
+    del first
+    again = unstructured_mask(scores, torch.ones(1 << 19), count=1000)
+    assert again.data_ptr() == ptr
+    assert_bitwise_equal(again, expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_set_cache_limit_rejects_bad_values(bad):
+    before = fastprune.cache_info()
+    with pytest.raises(ValueError, match="non-negative int"):
+        fastprune.set_cache_limit(bad)
+    with pytest.raises(ValueError, match="non-negative int"):
+        fastprune.set_cache_limit(min_bytes=bad)
+    assert fastprune.cache_info()["limit_bytes"] == before["limit_bytes"]
+
+
+def test_cached_empty_like_opcheck(small_blocks):
+    for t in (torch.ones(5), torch.ones(1 << 20)[1:], torch.empty(0), torch.ones(3, 1 << 19).t()):
+        # (the values are uninitialized, so only the schema and the fake kernel)
+        torch.library.opcheck(torch.ops.fastprune.cached_empty_like.default, (t,),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fastprune
+
 from conftest import (
     FAST, FLOAT_DTYPES, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated,
     example_input, fill_tie_free, hook_summary, make_conv, make_linear, make_net, normalize_message,
@@ -764,12 +766,12 @@ def test_compute_norm(n, dim):
 
 
 # ----------------------------------------------------------------------------
-# Large tensors: the pruned tensor is built in huge-page memory
+# Large tensors: the pruned tensor is built in memory from the block cache
 # ----------------------------------------------------------------------------
 
 def large_linear(dtype=torch.float32):
-    """A Linear whose weight (8 MiB in float32) takes the huge-page product
-    (with the threshold lowered by ``huge_products``)."""
+    """A Linear whose weight (8 MiB in float32) takes the block-cache product
+    (with the cache's min_bytes lowered by ``cached_outputs``)."""
     m = nn.Linear(1024, 2048).to(dtype)
     with torch.no_grad():
         m.weight.copy_(tie_free(m.weight.shape, dtype, seed=3))
@@ -777,14 +779,14 @@ def large_linear(dtype=torch.float32):
 
 
 @pytest.fixture
-def huge_products(monkeypatch):
-    """Counts the pruned tensors fastprune builds in huge-page memory, which
-    it does from 8 MiB on during the test (the path is the same at any size)."""
-    monkeypatch.setattr(FAST, "_HUGE_PRODUCT_BYTES", 8 << 20)
-    calls = []
-    advise = FAST.ops.advise_huge_pages
-    monkeypatch.setattr(FAST.ops, "advise_huge_pages", lambda t: calls.append(t.shape) or advise(t))
-    return calls
+def cached_outputs():
+    """Lowers the block cache's min_bytes to 1 MiB for the test (the path is
+    the same at any size) and yields a function giving the number of
+    outputs the cache has served since."""
+    old = fastprune.set_cache_limit(min_bytes=1 << 20)
+    start = old["hits"] + old["misses"]
+    yield lambda: (lambda info: info["hits"] + info["misses"] - start)(fastprune.cache_info())
+    fastprune.set_cache_limit(old["limit_bytes"], min_bytes=old["min_bytes"])
 
 
 LARGE_STEPS = {
@@ -799,7 +801,7 @@ LARGE_STEPS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "frozen", "inference"])
 @pytest.mark.parametrize("step", list(LARGE_STEPS))
-def test_large_pruned_tensor(step, mode, dtype, huge_products):
+def test_large_pruned_tensor(step, mode, dtype, cached_outputs):
     """Same values, strides, grad_fn and gradients as the reference's ``mask * orig``."""
     def make():
         m = large_linear(dtype)
@@ -814,7 +816,7 @@ def test_large_pruned_tensor(step, mode, dtype, huge_products):
             return LARGE_STEPS[step](lib, m)
 
     ref, fast, _ = run_both(make, prune)
-    assert huge_products, "the large weight did not take the huge-page path"
+    assert cached_outputs() > 0, "the large weight did not take the block-cache path"
     if mode == "grad":
         assert type(fast.weight.grad_fn).__name__ == "MulBackward0"
     x = torch.randn(3, 1024, dtype=dtype)

@@ -27,7 +27,16 @@ struct Operand {
   at::Tensor dst;     // contiguous buffer written (out itself when contiguous)
 };
 
-inline Operand make_operand(const at::Tensor& scores, const at::Tensor& mask) {
+// Allocates an uninitialized tensor with the sizes and strides of
+// at::empty_like(like, dtype, format); each device file passes its own.
+using EmptyLike = at::Tensor (*)(const at::Tensor& like, at::ScalarType dtype, at::MemoryFormat format);
+
+inline at::Tensor plain_empty_like(const at::Tensor& like, at::ScalarType dtype, at::MemoryFormat format) {
+  return at::empty_like(like, like.options().dtype(dtype), format);
+}
+
+inline Operand make_operand(
+    const at::Tensor& scores, const at::Tensor& mask, EmptyLike empty_like = plain_empty_like) {
   TORCH_CHECK(
       scores.sizes() == mask.sizes(),
       "fastprune: scores and mask must have the same shape, got ",
@@ -44,22 +53,25 @@ inline Operand make_operand(const at::Tensor& scores, const at::Tensor& mask) {
   // broadcast mask follows the scores instead.
   const bool broadcast = is_broadcast_scalar(mask);
   Operand op;
-  op.out = broadcast ? at::empty_like(scores, mask.options()) : at::empty_like(mask);
+  const auto preserve = at::MemoryFormat::Preserve;
+  op.out = empty_like(broadcast ? scores : mask, mask.scalar_type(), preserve);
   op.scores = scores.contiguous();
   op.mask = broadcast ? mask : mask.contiguous();
-  op.dst = op.out.is_contiguous() ? op.out : at::empty(op.out.sizes(), op.out.options());
+  op.dst = op.out.is_contiguous()
+      ? op.out
+      : empty_like(op.out, op.out.scalar_type(), at::MemoryFormat::Contiguous);
   return op;
 }
 
 inline std::vector<Operand> make_operands(
-    at::TensorList scores, at::TensorList masks) {
+    at::TensorList scores, at::TensorList masks, EmptyLike empty_like = plain_empty_like) {
   TORCH_CHECK(
       scores.size() == masks.size(),
       "global_unstructured_masks: got ", scores.size(), " score tensors and ",
       masks.size(), " masks");
   std::vector<Operand> ops;
   for (size_t i = 0; i < scores.size(); ++i) {
-    ops.push_back(make_operand(scores[i], masks[i]));
+    ops.push_back(make_operand(scores[i], masks[i], empty_like));
   }
   return ops;
 }

@@ -25,31 +25,12 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../common/operands.h"
 #include "../common/select.h"
+#include "cache_cpu.h"
 
 namespace fastprune {
 namespace {
-
-// Large fresh outputs are page-faulted in 4 KiB pages by default, which costs
-// more than the select itself; asking for transparent huge pages before the
-// first touch cuts that cost several fold. Advisory only.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t end = begin + t.storage().nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = end & ~(kHuge - 1);
-  if (hi > lo) {
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-}
 
 // One tensor of a select over one or several tensors, flattened row-major;
 // several tensors are ranked as if concatenated in their given order.
@@ -541,7 +522,6 @@ std::vector<at::Tensor> select_masks(
   int64_t begin = 0;
   for (const Operand& op : ops) {
     if (op.scores.numel() == 0) continue;
-    advise_huge_pages(op.dst);
     segs.push_back(Segment{
         op.scores.const_data_ptr(), op.mask.const_data_ptr(),
         is_broadcast_scalar(op.mask), op.dst.mutable_data_ptr(),
@@ -561,13 +541,13 @@ std::vector<at::Tensor> select_masks(
 at::Tensor unstructured_mask_cpu(
     const at::Tensor& scores, const at::Tensor& mask, int64_t count,
     double fraction, bool only_ones, bool largest) {
-  return select_masks({make_operand(scores, mask)}, count, fraction, only_ones, largest)[0];
+  return select_masks({make_operand(scores, mask, cached_empty_like)}, count, fraction, only_ones, largest)[0];
 }
 
 std::vector<at::Tensor> global_unstructured_masks_cpu(
     at::TensorList scores, at::TensorList masks, int64_t count,
     double fraction, bool only_ones, bool largest) {
-  return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
+  return select_masks(make_operands(scores, masks, cached_empty_like), count, fraction, only_ones, largest);
 }
 
 }  // namespace
@@ -575,7 +555,6 @@ std::vector<at::Tensor> global_unstructured_masks_cpu(
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("unstructured_mask", &unstructured_mask_cpu);
   m.impl("global_unstructured_masks", &global_unstructured_masks_cpu);
-  m.impl("advise_huge_pages", &advise_huge_pages);
 }
 
 }  // namespace fastprune

@@ -21,6 +21,7 @@ except ImportError as e:
     ) from e
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops, prune
+from .ops import cache_info, empty_cache, set_cache_limit  # noqa: F401
 from .prune import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

@@ -93,12 +93,67 @@ def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     return torch.ops.fastprune.channel_norms(t, dim, float(p))
 
 
-def advise_huge_pages(t: torch.Tensor) -> None:
-    """Ask for transparent huge pages behind the not yet touched memory of ``t``.
+def cached_empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor like ``t`` (dtype, sizes and strides as
+    ``torch.empty_like(t)``), never requiring grad.
 
-    Only a hint to the OS (Linux ``madvise(MADV_HUGEPAGE)`` on the 2 MiB pages
-    inside ``t``'s storage; nothing elsewhere). Values are unchanged. Call it
-    on a fresh ``torch.empty`` result before writing it: a large tensor then
-    costs a few times less to fault in. CPU tensors only.
+    On the CPU, from the cache's ``min_bytes`` on, its memory is a block that an
+    earlier large fastprune output gave back (see :func:`cache_info`): its
+    pages are already mapped, so writing it costs no page faults. The block
+    returns to the cache when the tensor's storage dies.
     """
-    torch.ops.fastprune.advise_huge_pages(t)
+    return torch.ops.fastprune.cached_empty_like(t.detach())
+
+
+_CACHE_FIELDS = ("cached_bytes", "limit_bytes", "min_bytes", "hits", "misses")
+
+
+def cache_info() -> dict:
+    """The state of fastprune's CPU block cache.
+
+    Large CPU outputs of fastprune (masks, and the pruned ``mask * orig`` the
+    hooks keep, from ``min_bytes`` on) take their memory from this cache and
+    give it back when they die, so that a process that prunes or runs forwards
+    repeatedly does not fault in fresh pages each time.
+
+    Returns:
+        dict with ``cached_bytes`` (held now, free for reuse), ``limit_bytes``
+        (the most it holds; 0: off), ``min_bytes`` (the smallest output it
+        serves), ``hits`` and ``misses`` (allocations served from a cached block,
+        and from the OS).
+    """
+    return dict(zip(_CACHE_FIELDS, torch.ops.fastprune.cache_info()))
+
+
+def set_cache_limit(limit_bytes: Optional[int] = None, *, min_bytes: Optional[int] = None) -> dict:
+    """Configure fastprune's CPU block cache (see :func:`cache_info`).
+
+    Args:
+        limit_bytes: the most freed memory the cache holds for reuse (default
+            1 GiB; 0 turns the cache off). Cached blocks above a lower limit
+            are freed at once, oldest first. None keeps the current limit.
+        min_bytes: the smallest output served from the cache (default 32 MiB;
+            below it glibc's own free lists recycle memory well). None keeps it.
+
+    Returns:
+        :func:`cache_info` as it was before the call.
+    """
+    old = torch.ops.fastprune.configure_cache(
+        -1 if limit_bytes is None else _non_negative("limit_bytes", limit_bytes),
+        -1 if min_bytes is None else _non_negative("min_bytes", min_bytes))
+    return dict(zip(_CACHE_FIELDS, old))
+
+
+def _non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"fastprune: {name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def empty_cache() -> int:
+    """Return every block fastprune's CPU block cache holds to the OS.
+
+    Tensors still alive keep their memory; their blocks are freed when they
+    die unless the cache takes them again. Returns the bytes freed.
+    """
+    return torch.ops.fastprune.empty_cache()

@@ -410,30 +410,28 @@ def _unpruned_mask(orig, scores):
     return torch.ones_like(orig)
 
 
-# Below this the plain product is cheaper: glibc's malloc then recycles freed
-# blocks (its mmap threshold grows to 32 MiB), so there are few new page faults
-# to save, and the copy is a second pass. Above it, 1.5x faster here.
-_HUGE_PRODUCT_BYTES = 32 << 20
-
-
 def _masked_product(mask, orig):
     """``mask * orig``, the pruned tensor.
 
-    A large plain CPU tensor is built as ``orig`` copied into memory asked for
-    in huge pages, then multiplied in place by ``mask``: fresh 4 KiB pages
-    cost more to fault in than the product itself. The values are the same
-    bits (the product commutes), the result's ``grad_fn`` is ``MulBackward0``
-    under grad mode and ``orig`` gets the same gradient; its graph has one more
-    node (``CopyBackwards``) before ``orig``.
+    A large plain CPU tensor (from the block cache's ``min_bytes`` on, see
+    :func:`fastprune.cache_info`) is written into memory from fastprune's
+    block cache, whose pages are already mapped: a fresh one costs more to
+    fault in than the product itself, and every forward builds it again.
+    Under autograd it is ``orig`` copied there, then multiplied in place by
+    ``mask``: the same bits (the product commutes), ``grad_fn`` ``MulBackward0``
+    and the same gradient for ``orig``, with one more node (``CopyBackwards``)
+    in the graph; without autograd it is one ``torch.mul`` into that memory.
     """
     if (type(orig) in (torch.Tensor, torch.nn.Parameter) and type(mask) is torch.Tensor
             and orig.device.type == "cpu" and orig.is_floating_point()
             and mask.dtype == orig.dtype and mask.shape == orig.shape and not mask.requires_grad
-            and orig.is_contiguous() and mask.is_contiguous() and orig.nbytes >= _HUGE_PRODUCT_BYTES
+            and orig.is_contiguous() and mask.is_contiguous()
+            and orig.nbytes >= ops.cache_info()["min_bytes"]
             and not torch.compiler.is_compiling()):
-        out = torch.empty_like(orig, requires_grad=False)
-        ops.advise_huge_pages(out)
-        return out.copy_(orig).mul_(mask)
+        out = ops.cached_empty_like(orig)
+        if orig.requires_grad and torch.is_grad_enabled():
+            return out.copy_(orig).mul_(mask)
+        return torch.mul(mask, orig, out=out)
     return mask * orig
 
 
@@ -738,7 +736,8 @@ def _channel_mask(t, dim, keep, default_mask):
     shape = [1] * t.dim()
     shape[dim] = -1
     keep = keep.to(device=t.device, dtype=t.dtype).view(shape)
-    return torch.mul(default_mask.to(dtype=t.dtype), keep, out=torch.empty_like(t))
+    out = ops.cached_empty_like(t) if t.device.type == "cpu" else torch.empty_like(t)
+    return torch.mul(default_mask.to(dtype=t.dtype), keep, out=out)
 
 
 def _structured_keep(method, t, live=None):
