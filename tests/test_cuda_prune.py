@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from conftest import FAST, REF, example_input, fill_tie_free, make_net
 from test_prune_reference import GLOBAL, SEQUENCES, SINGLE, check_forward_backward, conv_channels, forward, \
-    net_params, run_both, stale_update
+    run_both, stale_update
+from test_serialization import check_compiled_backward_and_reprune, pruned
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -85,35 +86,8 @@ def test_many_tiles_match_reference():
              between=lambda m, i: m(torch.ones(3, 1000, device="cuda")))
 
 
-def pruned_net_pair():
-    """The same net on the GPU, pruned alike by the reference and by fastprune."""
-    out = {}
-    for key, P in (("ref", REF), ("fast", FAST)):
-        m = make_net().cuda()
-        torch.manual_seed(0)
-        P.global_unstructured(net_params(m), P.L1Unstructured, amount=0.4)
-        P.l1_unstructured(m.fc, "weight", 0.3)
-        P.random_unstructured(m.head, "weight", 3)
-        out[key] = m
-    return out["ref"], out["fast"]
-
-
 def test_torch_compile_of_pruned_model():
-    """aot_eager traces the pre-hooks and the backward: outputs and gradients
-    bit for bit like the reference's eager ones; a re-prune is seen."""
-    torch._dynamo.reset()
-    ref, fast = pruned_net_pair()
-    compiled = torch.compile(fast, backend="aot_eager")
-    x = example_input(fast)
-    y, y_ref = compiled(x), ref(x)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    y.sum().backward()
-    y_ref.sum().backward()
-    for (n, p), (_, p_ref) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0, msg=n)
-    FAST.l1_unstructured(fast.fc, "weight", 10)
-    REF.l1_unstructured(ref.fc, "weight", 10)
-    torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=0)
+    check_compiled_backward_and_reprune("cuda")
 
 
 def test_inductor_compile_of_pruned_model_and_op():
@@ -121,7 +95,7 @@ def test_inductor_compile_of_pruned_model_and_op():
     the reference's to rounding (fusions may reorder it); the op's mask inside
     a compiled function bit for bit."""
     torch._dynamo.reset()
-    ref, fast = pruned_net_pair()
+    fast, ref = pruned(FAST, "mixed", device="cuda"), pruned(REF, "mixed", device="cuda")
     x = example_input(fast)
     torch.testing.assert_close(torch.compile(fast)(x), ref(x))
 
