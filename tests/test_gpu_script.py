@@ -22,8 +22,8 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happe
 
 
 def run_script(*args, cwd=ROOT, **env):
-    """Runs the script with this Python; $OUT only when given."""
-    full = {k: v for k, v in os.environ.items() if k != "OUT"}
+    """Runs the script with this Python; $OUT and the build settings only when given."""
+    full = {k: v for k, v in os.environ.items() if k not in ("OUT", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")}
     full.update(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
 
