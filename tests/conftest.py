@@ -280,7 +280,7 @@ class Net(nn.Module):
 
 
 def example_input(module, seed=5):
-    """An input batch for the modules made below."""
+    """An input batch for the modules made below, on their device."""
     g = _gen(seed)
     p = next(module.parameters())
     if isinstance(module, nn.Linear):
@@ -291,7 +291,7 @@ def example_input(module, seed=5):
         shape = (2, module.num_features)
     else:
         shape = (2, 3, 4, 4)
-    return torch.randn(shape, generator=g).to(p.dtype)
+    return torch.randn(shape, generator=g).to(p.device, p.dtype)
 
 
 def make_linear(dtype=torch.float32, seed=0):

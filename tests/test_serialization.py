@@ -49,8 +49,8 @@ RECIPES = {
 }
 
 
-def pruned(P, recipe, seed=0, grad=True):
-    m = net(seed)
+def pruned(P, recipe, seed=0, grad=True, device="cpu"):
+    m = net(seed).to(device)
     torch.manual_seed(seed)
     with torch.set_grad_enabled(grad):
         RECIPES[recipe](P, m)
@@ -271,11 +271,15 @@ def test_torch_compile_of_pruned_module():
 
 
 def test_torch_compile_backward_and_reprune():
+    check_compiled_backward_and_reprune("cpu")
+
+
+def check_compiled_backward_and_reprune(device):
     """aot_eager traces the forward pre-hooks and the backward: gradients
     like the reference's eager ones, and a re-prune of the compiled module is
-    seen by its next call."""
+    seen by its next call (test_cuda_prune.py runs this on the GPU)."""
     torch._dynamo.reset()
-    fast, ref = pruned(FAST, "global_twice"), pruned(REF, "global_twice")
+    fast, ref = pruned(FAST, "global_twice", device=device), pruned(REF, "global_twice", device=device)
     compiled = torch.compile(fast, backend="aot_eager")
     x = example_input(fast)
     y, y_ref = compiled(x), ref(x)
