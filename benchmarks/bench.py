@@ -2,10 +2,19 @@
 
 For every workload: build the inputs once (tie-free weights, fixed seed), run
 both libraries on copies, check that the masks are identical (a mismatch is
-reported and counted, never skipped), then time each side (warm-up, repeats,
-median) and measure each side's peak memory in a subprocess of its own.
-Speed is also reported as a fraction of the two-pass bandwidth floor:
-bytes that must move / copy bandwidth measured at the start of the run.
+reported and counted, never skipped), then time what users live:
+
+* interleaved (the headline): rounds of one reference call then one
+  fastprune call, each on a fresh copy freed before the next call, as in a
+  process that does other work between prunes; each side's median and worst;
+* first call: each side's first prune in a fresh process of its own (imports
+  done, model built), with its peak memory growth;
+* warm best case: fastprune's calls back to back after a warm-up.
+
+Floors: the two-pass bytes that must move at the copy bandwidth measured at
+the start of the run, and that plus the page faults of the fresh memory a
+first call must create (a mask and a pruned tensor per prune of each
+parameter) at the fresh-page cost measured at the start.
 
     python benchmarks/bench.py              # default suite, a few minutes
     python benchmarks/bench.py --quick      # tiny sizes (used by the tests)
@@ -95,8 +104,9 @@ class Workload:
     """make(dtype, quick) -> module; prepare(prune, module) runs untimed on each
     side's copy first; run(prune, module) is what is timed."""
 
-    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None, idiom=None):
+    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None, idiom=None, prunes=1):
         self.name, self.make, self.run, self.floor_bytes, self.note = name, make, run, floor_bytes, note
+        self.prunes = prunes  # prunes of each parameter per run: each creates a mask and a pruned tensor
         self.prepare = prepare or (lambda prune, m: None)
         self.agree = agree or masks_equal
         self.idiom = idiom  # the hand-rolled kthvalue-threshold alternative, where one applies
@@ -189,14 +199,14 @@ _add(Workload("iterative", _single((4096, 4096), (64, 64)), _iterative(1),
               lambda m: _bytes(m, 3, 2), "one more round of 0.2 after 0.5",
               prepare=lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5)))
 _add(Workload("iterative_x5", _single((4096, 4096), (64, 64)), _iterative(5),
-              lambda m: 5 * _bytes(m, 3, 2), "five rounds of 0.2"))
+              lambda m: 5 * _bytes(m, 3, 2), "five rounds of 0.2", prunes=5))
 _add(Workload("random_unstructured", _single((4096, 4096), (64, 64)),
               lambda prune, m: (torch.manual_seed(0), prune.random_unstructured(m, "p0", amount=0.5)),
               lambda m: _bytes(m, 3, 2), "amount 0.5, 4096x4096, seeded", agree=random_masks_agree))
 _add(Workload("ln_structured", _single((512, 512, 3, 3), (16, 16, 3, 3)),
               lambda prune, m: (prune.ln_structured(m, "p0", amount=0.3, n=2, dim=0),
                                 prune.ln_structured(m, "p0", amount=0.3, n=2, dim=1)),
-              lambda m: 2 * _bytes(m, 3, 2), "n=2, dim 0 then dim 1, Conv2d(512,512,3)"))
+              lambda m: 2 * _bytes(m, 3, 2), "n=2, dim 0 then dim 1, Conv2d(512,512,3)", prunes=2))
 _add(Workload("random_structured", _single((512, 512, 3, 3), (16, 16, 3, 3)),
               lambda prune, m: (torch.manual_seed(0), prune.random_structured(m, "p0", amount=0.3, dim=0)),
               lambda m: _bytes(m, 3, 0), "amount 0.3, dim 0, Conv2d(512,512,3), seeded"))
@@ -232,26 +242,55 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_side(w, prune, state, repeats, budget_s=20.0, run=None):
-    """Median of `repeats` timed runs after one warm-up; fewer (at least 3) when
-    a run is so slow that `repeats` would exceed `budget_s`. Device-synchronized."""
-    run = run or (lambda m: w.run(prune, m))
-    times = []
-    i = 0
-    while i <= repeats:  # run 0 is the warm-up
-        m = w.fresh(prune, state)
-        _sync()
+def measure_fresh_page_cost(nbytes=1 << 28):
+    """Seconds per byte that fresh memory costs on top of writing warm memory:
+    the page faults a new large tensor takes on its first write (glibc gives
+    blocks this large back to the OS when freed, so each is new). Medians of
+    5 fresh and 5 warm writes, interleaved."""
+    n = nbytes // 4
+    warm = torch.empty(n)
+    warm.fill_(0)
+    fresh_t, warm_t = [], []
+    for _ in range(5):
         t0 = time.perf_counter()
-        run(m)
-        _sync()
-        dt = time.perf_counter() - t0
-        del m
-        if i == 0:
-            repeats = max(min(repeats, int(budget_s / max(dt, 1e-9))), min(repeats, 3))
-        else:
-            times.append(dt)
-        i += 1
-    return statistics.median(times)
+        warm.fill_(1)
+        warm_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        x = torch.empty(n)
+        x.fill_(1)
+        fresh_t.append(time.perf_counter() - t0)
+        del x
+    return max(statistics.median(fresh_t) - statistics.median(warm_t), 0.0) / nbytes
+
+
+def _timed(w, prune, state, run=None):
+    """Seconds of one call of the workload on a fresh copy of `state` (device-synchronized)."""
+    m = w.fresh(prune, state)
+    _sync()
+    t0 = time.perf_counter()
+    (run or (lambda m: w.run(prune, m)))(m)
+    _sync()
+    return time.perf_counter() - t0
+
+
+def time_side(w, prune, state, repeats, budget_s=20.0, run=None):
+    """The warm best case: median of `repeats` calls back to back after one
+    warm-up (fewer, at least 3, when `repeats` would exceed `budget_s`)."""
+    first = _timed(w, prune, state, run)  # the warm-up
+    repeats = max(min(repeats, int(budget_s / max(first, 1e-9))), min(repeats, 3))
+    return statistics.median(_timed(w, prune, state, run) for _ in range(repeats))
+
+
+def time_interleaved(w, state, rounds):
+    """What a user's process lives: `rounds` rounds of one call of each side
+    in turn (the reference, then fastprune), each on a fresh copy that is freed
+    before the next call, so every call follows the other library's work.
+    Returns {side: [seconds per round]}."""
+    times = {side: [] for side in SIDES}
+    for _ in range(rounds):
+        for side, prune in SIDES.items():
+            times[side].append(_timed(w, prune, state))
+    return times
 
 
 def _status_kib(field):
@@ -274,20 +313,35 @@ def peak_growth(fn):
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def child_peak(name, side, dtype, quick):
-    """Peak memory growth of one side on one workload, measured in a fresh process."""
+def first_call(name, side, dtype, quick):
+    """One side's first call of a workload in a fresh process (imports done,
+    model built, nothing pruned before): {"first_s": its time,
+    "peak_bytes": the peak memory growth during it}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, side, str(dtype).split(".")[1], str(int(quick))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _child(name, side, dtype, quick):
     w, prune = WORKLOADS[name], SIDES[side]
     m = w.fresh(prune, w.make(getattr(torch, dtype), bool(int(quick))))
-    print(peak_growth(lambda: w.run(prune, m)))
+    took = {}
+
+    def run():
+        t0 = time.perf_counter()
+        w.run(prune, m)
+        took["s"] = time.perf_counter() - t0
+    peak = peak_growth(run)
+    print(json.dumps({"first_s": took["s"], "peak_bytes": peak}))
 
 
-def run_workload(w, dtype, device, quick, repeats, bandwidth, peak):
+def run_workload(w, dtype, device, quick, repeats, bandwidth, peak, fresh_cost=0.0):
+    """One workload, both sides: masks compared first; then `repeats`
+    interleaved rounds (the headline: each side's median, and its worst), the
+    warm best case of back-to-back calls, and, with `peak`, each side's first
+    call in a fresh process with its peak memory. Floors: bytes that must move
+    at the copy bandwidth, and that plus fresh pages for every mask and pruned
+    tensor a prune creates (what a first call cannot avoid)."""
     state = w.make(dtype, quick).to(device)
     done = {}
     for side, prune in SIDES.items():
@@ -297,13 +351,24 @@ def run_workload(w, dtype, device, quick, repeats, bandwidth, peak):
     ok = w.agree(done["torch"], done["fastprune"])
     row = {"workload": w.name, "note": w.note, "numel": sum(p.numel() for p in state.parameters()),
            "masks_agree": ok}
-    for side, prune in SIDES.items():
-        row[f"{side}_s"] = time_side(w, prune, state, repeats)
-        row[f"{side}_peak_bytes"] = child_peak(w.name, side, dtype, quick) if peak else None
+    for side, times in time_interleaved(w, state, repeats).items():
+        row[f"{side}_times_s"] = times
+        row[f"{side}_s"] = statistics.median(times)
+        row[f"{side}_worst_s"] = max(times)
+    row["fastprune_best_s"] = time_side(w, fast_prune, state, repeats)
+    for side in SIDES:
+        first = first_call(w.name, side, dtype, quick) if peak else {}
+        row[f"{side}_first_s"] = first.get("first_s")
+        row[f"{side}_peak_bytes"] = first.get("peak_bytes")
     row["kthvalue_s"] = time_side(w, None, state, repeats, run=w.idiom) if w.idiom else None
     row["speedup"] = row["torch_s"] / row["fastprune_s"]
+    row["speedup_best"] = row["torch_s"] / row["fastprune_best_s"]
+    row["speedup_first"] = row["torch_first_s"] / row["fastprune_first_s"] if peak else None
     row["floor_s"] = w.floor_bytes(state) / bandwidth
     row["fraction_of_floor"] = row["floor_s"] / row["fastprune_s"]
+    created = w.prunes * 2 * sum(p.numel() * p.element_size() for p in state.parameters())
+    row["fresh_floor_s"] = row["floor_s"] + created * fresh_cost
+    row["fraction_of_fresh_floor"] = row["fresh_floor_s"] / row["fastprune_first_s"] if peak else None
     return row
 
 
@@ -362,16 +427,40 @@ def fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:,.0f} MiB"
 
 
-def markdown(rows, info, bandwidth):
+def _ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:,.1f} ms"
+
+
+def _x(ratio):
+    return "-" if ratio is None else f"{ratio:,.1f}x"
+
+
+def _pct(fraction):
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
+def markdown(rows, info, bandwidth, fresh_cost=None):
+    """Two tables: time (the headline is the interleaved median), then the
+    floors and peak memory."""
+    fresh = "" if fresh_cost is None else f"; fresh memory {fresh_cost * 2**26 * 1e3:.1f} ms per 64 MiB"
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-             f"{info['date']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
-             "| workload | elements | torch.nn.utils.prune | fastprune | speed-up | of floor | kthvalue idiom | peak torch | peak fastprune | masks agree |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+             f"{info['date']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s{fresh}.", "",
+             "| workload | elements | torch.nn.utils.prune | fastprune | speed-up | fastprune worst | "
+             "fastprune warm best | first call: torch | first call: fastprune | speed-up, first call |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['numel']:,} | {r['torch_s']*1e3:,.1f} ms | {r['fastprune_s']*1e3:,.1f} ms | "
-                     f"{r['speedup']:,.1f}x | {r['fraction_of_floor']:.0%} | "
-                     f"{'-' if r['kthvalue_s'] is None else format(r['kthvalue_s'] * 1e3, ',.1f') + ' ms'} | "
-                     f"{fmt_bytes(r['torch_peak_bytes'])} | "
+        lines.append(f"| {r['workload']} | {r['numel']:,} | {_ms(r['torch_s'])} | {_ms(r['fastprune_s'])} | "
+                     f"**{_x(r['speedup'])}** | {_ms(r.get('fastprune_worst_s'))} | "
+                     f"{_ms(r.get('fastprune_best_s'))} ({_x(r.get('speedup_best'))}) | "
+                     f"{_ms(r.get('torch_first_s'))} | {_ms(r.get('fastprune_first_s'))} | "
+                     f"{_x(r.get('speedup_first'))} |")
+    lines += ["", "| workload | copy floor | of floor | floor + fresh pages | of it, first call | kthvalue idiom | "
+              "peak torch | peak fastprune | masks agree |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {_ms(r['floor_s'])} | {_pct(r['fraction_of_floor'])} | "
+                     f"{_ms(r.get('fresh_floor_s'))} | {_pct(r.get('fraction_of_fresh_floor'))} | "
+                     f"{_ms(r['kthvalue_s'])} | {fmt_bytes(r['torch_peak_bytes'])} | "
                      f"{fmt_bytes(r['fastprune_peak_bytes'])} | {'yes' if r['masks_agree'] else '**NO**'} |")
     return "\n".join(lines)
 
@@ -405,12 +494,12 @@ def main(argv=None):
     if argv[:1] == ["--child"]:
         return _child(*argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, no peak-memory subprocesses")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, no first-call subprocesses")
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda: inputs on the GPU, timings synchronized; peak memory is CPU-only")
-    ap.add_argument("--repeats", type=int, default=5)
+                    help="cuda: inputs on the GPU, timings synchronized; first calls and peak memory are CPU-only")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds, and warm repeats")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--scale", action="store_true", help="also prune 1e9 parameters with fastprune alone")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -419,20 +508,23 @@ def main(argv=None):
     repeats = 1 if args.quick else args.repeats
     info = machine()
     bandwidth = measure_copy_bandwidth(1 << 24 if args.quick else 1 << 28)
+    fresh_cost = measure_fresh_page_cost(1 << 24 if args.quick else 1 << 28)
     print(f"fastprune benchmark: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fresh memory {fresh_cost * 2**26 * 1e3:.1f} ms per 64 MiB",
+          flush=True)
     rows = []
     for name in args.workloads:
         print(f"- {name} ...", end="", flush=True)
         row = run_workload(WORKLOADS[name], dtype, args.device, args.quick, repeats, bandwidth,
-                           peak=not args.quick and args.device == "cpu")
+                           peak=not args.quick and args.device == "cpu", fresh_cost=fresh_cost)
         rows.append(row)
-        print(f" torch {row['torch_s']*1e3:,.1f} ms, fastprune {row['fastprune_s']*1e3:,.1f} ms, "
-              f"{row['speedup']:,.1f}x, {row['fraction_of_floor']:.0%} of floor"
+        print(f" torch {_ms(row['torch_s'])}, fastprune {_ms(row['fastprune_s'])} (worst "
+              f"{_ms(row['fastprune_worst_s'])}, warm {_ms(row['fastprune_best_s'])}), {_x(row['speedup'])}; "
+              f"first call {_ms(row['torch_first_s'])} vs {_ms(row['fastprune_first_s'])}"
               + ("" if row["masks_agree"] else "  ** MASKS DIFFER **"), flush=True)
     sweep_rows = [] if args.no_sweep else sweep(dtype, args.quick, repeats)
     scale = scale_run(dtype) if args.scale else None
-    table = markdown(rows, info, bandwidth)
+    table = markdown(rows, info, bandwidth, fresh_cost)
     print()
     print(table)
     if scale:
@@ -442,7 +534,7 @@ def main(argv=None):
     stem = "quick" if args.quick else "latest"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "copy_bandwidth": bandwidth,
-                   "rows": rows, "sweep": sweep_rows, "scale": scale}, f, indent=1)
+                   "fresh_page_cost_s_per_byte": fresh_cost, "rows": rows, "sweep": sweep_rows, "scale": scale}, f, indent=1)
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
     plot(rows, sweep_rows, os.path.join(args.out, f"{stem}.png"))
