@@ -355,6 +355,33 @@ def test_global_masks_hold_only_their_own_parameter():
     assert len(pickle.dumps(m.small)) < len(pickle.dumps(m_ref.small)) - 3 * total
 
 
+def test_global_first_prune_creates_one_mask_and_one_product_per_parameter():
+    """The mask global_unstructured selects becomes the buffer itself (it is
+    fastprune's own fresh tensor): per parameter, a first prune runs one
+    multiplication (the pruned tensor), not a second one copying the mask."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMuls(TorchDispatchMode):
+        muls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMuls.muls += func in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.out)
+            return func(*args, **(kwargs or {}))
+
+    m = Uneven()
+    m_ref = copy.deepcopy(m)
+    params = [(m.big, "weight"), (m.big, "bias"), (m.small, "weight")]
+    with CountMuls():
+        FAST.global_unstructured(params, FAST.L1Unstructured, amount=0.3)
+    assert CountMuls.muls == len(params)
+    for mod, name in params:
+        hook = next(h for h in mod._forward_pre_hooks.values() if h._tensor_name == name)
+        assert hook.mask is getattr(mod, name + "_mask")
+    REF.global_unstructured([(m_ref.big, "weight"), (m_ref.big, "bias"), (m_ref.small, "weight")],
+                            REF.L1Unstructured, amount=0.3)
+    assert_same_pruned_state(m_ref, m)
+
+
 def test_global_on_meta_device():
     m = make_net().to("meta")
     params = [(m.conv, "weight"), (m.fc, "weight"), (m.fc, "bias"), (m.head, "weight")]

@@ -937,6 +937,9 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
             raise AssertionError(
                 f"default_mask shape {default_mask.shape} must match "
                 f"self.mask shape {self.mask.shape}")
+        if (id(self.mask) in _ADOPTABLE_MASKS and self.mask.dtype == default_mask.dtype
+                and _is_broadcast_one(default_mask)):
+            return self.mask  # ones times the mask: the mask itself, not a copy
         return default_mask * self.mask.to(dtype=default_mask.dtype)
 
     @classmethod
@@ -1120,7 +1123,11 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     done = []
     try:
         for i, (module, name) in enumerate(parameters):
-            custom_from_mask(module, name, mask=own_masks[i])
+            _ADOPTABLE_MASKS.add(id(own_masks[i]))
+            try:
+                custom_from_mask(module, name, mask=own_masks[i])
+            finally:
+                _ADOPTABLE_MASKS.discard(id(own_masks[i]))
             own_masks[i] = None
             if masks[i] is None:
                 _share_first_mask(module, name)
@@ -1130,6 +1137,19 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         for key, snapshot in saved.items():
             snapshot.restore(reassigned=[name for module, name in done if id(module) == key])
         raise
+
+
+# ids of the fresh masks global_unstructured is applying right now: fastprune's
+# own tensors, which nobody else holds, so that a first prune's CustomFromMask
+# may keep one as the buffer instead of a copy (1 * mask) of it.
+_ADOPTABLE_MASKS = set()
+
+
+def _is_broadcast_one(t):
+    """Whether ``t`` is the stride-0 view of a single one that :func:`_first_mask`
+    makes (inside global_unstructured's own first prunes, the only stride-0
+    default mask there is)."""
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
 def _share_first_mask(module, name):
