@@ -106,8 +106,9 @@ def patch():
     saved = []
     try:
         for owner, name, new in _replacements():
-            saved.append((owner, name, vars(owner).get(name, _MISSING)))
+            old = vars(owner).get(name, _MISSING)
             setattr(owner, name, new)
+            saved.append((owner, name, old))
     except BaseException:
         _put_back(saved)
         raise
