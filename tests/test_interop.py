@@ -1,6 +1,7 @@
-"""Interoperation with torch.nn.utils.prune (SPEC A.5, A.6): either library's
-is_pruned/remove on the other's modules, both libraries on one tensor, user
-subclasses. (Serialization, copying and torch.compile: test_serialization.py.)"""
+"""Interoperation with torch.nn.utils.prune (docs/behaviour.md §Interop,
+§Custom methods): either library's is_pruned/remove on the other's modules,
+both libraries on one tensor, user subclasses. (Serialization, copying and
+torch.compile: test_serialization.py.)"""
 from unittest import mock
 
 import pytest
@@ -217,7 +218,7 @@ def test_subclass_of_fastprune_method():
 
 
 def test_compute_mask_is_looked_up_and_called_with_keyword_default_mask():
-    """The upstream tests mock `prune.<Cls>.compute_mask` (SPEC §1)."""
+    """The upstream tests mock `prune.<Cls>.compute_mask` (docs/behaviour.md §Surface)."""
     m = make_linear()
     with mock.patch.object(FAST.L1Unstructured, "compute_mask", autospec=True,
                            side_effect=lambda self, t, default_mask: default_mask) as cm:

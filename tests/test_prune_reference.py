@@ -1,5 +1,5 @@
 """Differential tests: fastprune.prune against torch.nn.utils.prune on the same
-tie-free inputs, for every public function, class and helper (SPEC Part B)."""
+tie-free inputs, for every public function, class and helper (docs/behaviour.md)."""
 import copy
 import inspect
 from contextlib import nullcontext
@@ -293,7 +293,8 @@ def test_random_unstructured_seeds():
 
 
 def test_structured_dtypes_follow_importance_scores():
-    """The structured mask takes the scores' dtype (SPEC §5); L1's takes the weight's."""
+    """The structured mask takes the scores' dtype (docs/behaviour.md §Mask
+    dtypes); L1's takes the weight's."""
     scores64 = channel_separated((4, 3, 3, 3), 0, torch.float64, 4)
     m_ref, m_fast, _ = run_both(make_conv, lambda P, m: P.ln_structured(m, "weight", 1, 2, 0, importance_scores=scores64))
     assert m_fast.weight_mask.dtype == torch.float64
@@ -347,7 +348,7 @@ def forward(m, i):
 
 def stale_update(m, i):
     """An optimizer-like in-place change of the original weight without a
-    forward pass: the next prune must rank the stale cached tensor (SPEC §2.3)."""
+    forward pass: the next prune must rank the stale cached tensor (docs/behaviour.md §Apply)."""
     with torch.no_grad():
         m.weight_orig.copy_(tie_free(tuple(m.weight_orig.shape), m.weight_orig.dtype, seed=100 + i))
 
