@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from conftest import (
-    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, example_input,
-    make_linear, make_net, pruning_hooks, tie_free,
+    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, each_lib, example_input,
+    lib_context, make_linear, make_net, pruning_hooks, tie_free,
 )
+
+# Each test runs with fastprune imported directly and reached through
+# torch.nn.utils.prune under fastprune.patch() (conftest.fast_impl).
+pytestmark = pytest.mark.usefixtures("fast_impl")
 
 CLASSES = ["Identity", "RandomUnstructured", "L1Unstructured", "RandomStructured", "LnStructured",
            "CustomFromMask", "PruningContainer"]
@@ -49,17 +53,21 @@ def test_is_pruned_and_remove_across_libraries(name, prune_lib, remove_lib):
     same result as using the reference throughout."""
     mixed, pure = net_conv_separated(), net_conv_separated()
     torch.manual_seed(0)
-    PRUNES[name](LIBS[prune_lib], mixed)
+    with lib_context(prune_lib):
+        PRUNES[name](LIBS[prune_lib], mixed)
     torch.manual_seed(0)
     PRUNES[name](REF, pure)
     other = LIBS[remove_lib]
-    assert other.is_pruned(mixed) is True
+    with lib_context(remove_lib):
+        assert other.is_pruned(mixed) is True
     for mod_name in ("conv", "fc"):
-        for P, m in ((other, mixed), (REF, pure)):
+        for key, P, m in ((remove_lib, other, mixed), ("ref", REF, pure)):
             mod = getattr(m, mod_name)
             if pruning_hooks(mod):
-                assert P.remove(mod, "weight") is mod
-    assert other.is_pruned(mixed) is False
+                with lib_context(key):
+                    assert P.remove(mod, "weight") is mod
+    with lib_context(remove_lib):
+        assert other.is_pruned(mixed) is False
     assert_same_pruned_state(pure, mixed)
 
 
@@ -94,7 +102,8 @@ def test_both_libraries_on_one_tensor(mix):
     mixed, pure = make_net(), make_net()
     for i, (lib, step) in enumerate(mix):
         torch.manual_seed(i)
-        STEP[step](LIBS[lib], mixed)
+        with lib_context(lib):
+            STEP[step](LIBS[lib], mixed)
         torch.manual_seed(i)
         STEP[step](REF, pure)
         assert_same_pruned_state(pure, mixed)
@@ -158,7 +167,7 @@ def test_user_methods_in_fastprune_container(base):
              lambda P, m: channel_drop(B).apply(m.fc, "weight", dim=1)]
     for user in users:
         mods = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             m = make_net()
             P.l1_unstructured(m.fc, "weight", 0.3)   # the first hook comes from library P
             user(P, m)
@@ -173,7 +182,7 @@ def test_user_method_in_container_compute_mask(base):
     t = tie_free((5, 6))
     default = (tie_free((5, 6), seed=1) > -0.5).float()
     outs = {}
-    for key, P in LIBS.items():
+    for key, P in each_lib():
         for make in (every_other, threshold, channel_drop):
             cls = make(LIBS[base])
             meth = cls(0.2) if make is threshold else cls()
@@ -188,7 +197,7 @@ def test_user_methods_in_global_unstructured(base):
     B = LIBS[base]
     for cls, kwargs in ((every_other(B), {}), (threshold(B), {"threshold": 0.4})):
         mods = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             m = make_net()
             params = [(m.conv, "weight"), (m.fc, "weight"), (m.fc, "bias")]
             P.global_unstructured(params, cls, **kwargs)
