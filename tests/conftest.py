@@ -299,6 +299,20 @@ def normalize_message(msg):
     return msg.replace("torch.nn.utils.prune.", "prune.").replace("fastprune.prune.", "prune.")
 
 
+def every_other(P):
+    """A user method class on `P.BasePruningMethod` (`P`: either library), in
+    the tutorial's pattern: prune every other entry."""
+    class EveryOther(P.BasePruningMethod):
+        """Tutorial pattern: prune every other entry."""
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            mask = default_mask.clone()
+            mask.view(-1)[::2] = 0
+            return mask
+    return EveryOther
+
+
 # ----------------------------------------------------------------------------
 # Model factories
 # ----------------------------------------------------------------------------

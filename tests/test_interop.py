@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import (
-    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, each_lib, example_input,
-    lib_context, make_linear, make_net, pruning_hooks, tie_free,
+    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, each_lib, every_other,
+    example_input, lib_context, make_linear, make_net, pruning_hooks, tie_free,
 )
 
 # Each test runs with fastprune imported directly and reached through
@@ -118,18 +118,6 @@ def test_both_libraries_on_one_tensor(mix):
 # ----------------------------------------------------------------------------
 # User subclasses of either library's BasePruningMethod
 # ----------------------------------------------------------------------------
-
-def every_other(P):
-    class EveryOther(P.BasePruningMethod):
-        """Tutorial pattern: prune every other entry."""
-        PRUNING_TYPE = "unstructured"
-
-        def compute_mask(self, t, default_mask):
-            mask = default_mask.clone()
-            mask.view(-1)[::2] = 0
-            return mask
-    return EveryOther
-
 
 def threshold(P):
     class Threshold(P.BasePruningMethod):

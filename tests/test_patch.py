@@ -22,7 +22,8 @@ from torch.nn.utils.prune import l1_unstructured as early_l1
 import fastprune
 import fastprune.prune as FAST
 from conftest import (
-    REF, assert_mask_equal, assert_same_pruned_state, example_input, make_linear, make_net, pruning_hooks,
+    REF, assert_mask_equal, assert_same_pruned_state, every_other, example_input, make_linear, make_net,
+    pruning_hooks,
 )
 
 PATCH_MODULE = sys.modules["fastprune.patch"]  # the name fastprune.patch is the function
@@ -201,19 +202,7 @@ def test_hooks_from_before_during_and_after_the_patch():
     assert_same_pruned_state(pure, mixed)
 
 
-def every_other_entry(base):
-    class EveryOther(base):
-        """Tutorial pattern: prune every other entry."""
-        PRUNING_TYPE = "unstructured"
-
-        def compute_mask(self, t, default_mask):
-            mask = default_mask.clone()
-            mask.view(-1)[::2] = 0
-            return mask
-    return EveryOther
-
-
-EVERY_OTHER_BEFORE = every_other_entry(REF.BasePruningMethod)
+EVERY_OTHER_BEFORE = every_other(REF)  # a user method defined before any patch
 
 
 class LoggedL1(REF.L1Unstructured):
@@ -230,7 +219,7 @@ def test_user_subclasses_under_the_patch(defined):
     container and in global_unstructured, as with the reference."""
     def run(patched):
         with fastprune.patched() if patched else contextlib.nullcontext():
-            cls = EVERY_OTHER_BEFORE if defined == "before" else every_other_entry(REF.BasePruningMethod)
+            cls = EVERY_OTHER_BEFORE if defined == "before" else every_other(REF)
             m = make_net()
             hook = cls.apply(m.fc, "weight")
             REF.l1_unstructured(m.fc, "weight", 0.3)
