@@ -72,6 +72,7 @@ def default_cuda_archs():
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
+    py_modules=["_fastprune_autopatch"],  # outside the package: see its docstring
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -3,17 +3,54 @@
 `REF` is ``torch.nn.utils.prune`` (the reference), `FAST` is ``fastprune.prune``.
 Differential tests run the same call through both on identical, tie-free
 inputs and compare the resulting module state exactly.
+
+`LIBS["fast"]` is fastprune as the differential tests reach it: the direct
+import, or (under the `fast_impl` fixture's "patched" case) torch's own module
+with ``fastprune.patch()`` on. Loop over the libraries with `each_lib()`,
+which turns the patch on around the fastprune side only, so the reference
+side always runs unpatched, first.
 """
+import contextlib
 import math
 import re
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as REF
 
+import fastprune
 import fastprune.prune as FAST
 
 LIBS = {"ref": REF, "fast": FAST}
+
+
+def lib_context(key):
+    """The context in which `LIBS[key]` computes as it should: patched for
+    fastprune reached through torch's module, else nothing."""
+    return fastprune.patched() if key == "fast" and LIBS["fast"] is REF else contextlib.nullcontext()
+
+
+def each_lib():
+    """`(key, lib)` for the reference, then fastprune; the loop body runs in
+    `lib_context(key)`."""
+    for key, lib in list(LIBS.items()):
+        with lib_context(key):
+            yield key, lib
+
+
+@pytest.fixture(params=["direct", "patched"])
+def fast_impl(request):
+    """Runs a differential test twice: with fastprune imported directly, and
+    with fastprune reached as ``torch.nn.utils.prune`` under ``fastprune.patch()``."""
+    LIBS["fast"] = REF if request.param == "patched" else FAST
+    try:
+        yield request.param
+    finally:
+        LIBS["fast"] = FAST
+        leaked = fastprune.is_patched()
+        fastprune.unpatch()
+        assert not leaked, "the test left torch.nn.utils.prune patched"
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -260,6 +297,20 @@ def normalize_message(msg):
     comparable across the two libraries."""
     msg = re.sub(r" at 0x[0-9a-fA-F]+", " at 0x?", str(msg))
     return msg.replace("torch.nn.utils.prune.", "prune.").replace("fastprune.prune.", "prune.")
+
+
+def every_other(P):
+    """A user method class on `P.BasePruningMethod` (`P`: either library), in
+    the tutorial's pattern: prune every other entry."""
+    class EveryOther(P.BasePruningMethod):
+        """Tutorial pattern: prune every other entry."""
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            mask = default_mask.clone()
+            mask.view(-1)[::2] = 0
+            return mask
+    return EveryOther
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Every error of SPEC Part B: fastprune raises the reference's exception class
-with the reference's message on the same bad input, and leaves the module
-exactly as it was (on a 2nd or later prune too: SPEC A.1, where the reference
-loses the hook, so only fastprune's state is checked there)."""
+"""Every error of the reference (docs/behaviour.md §Errors): fastprune raises
+the reference's exception class with the reference's message on the same bad
+input, and leaves the module exactly as it was (on a 2nd or later prune too,
+where the reference loses the hook, so only fastprune's state is checked
+there)."""
 import pytest
 import torch
 import torch.nn as nn

@@ -1,5 +1,5 @@
-"""SPEC Part A.1 (fixed bugs: each fails on the reference and works here) and
-A.3 (ties: exactly k, deterministic, lower flat index pruned first)."""
+"""docs/behaviour.md §Differences (fixed bugs: each fails on the reference and
+works here) and §Ties (exactly k, deterministic, lower flat index pruned first)."""
 import copy
 import pickle
 

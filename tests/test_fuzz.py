@@ -13,14 +13,14 @@ paths are fuzzed too. After every call both libraries must have raised the
 same exception class and message, or both returned what they return, drawn as
 many random numbers, and left the two copies in the same observable state
 (``assert_same_pruned_state``). A failed call must leave fastprune's copy
-exactly as it was (SPEC A.1).
+exactly as it was (docs/behaviour.md §Errors).
 
 Ties. Parameters and importance scores are tie-free, also across parameters
 (global pruning). Ties still arise, e.g. among the zeros that ``remove``
 leaves, between L0 norms, or between half-precision random draws; where the
 reference's choice is then left to ``torch.topk`` (equal keys at the cut),
 fastprune's mask may differ from the reference's only among the tied units and
-must prune as many of them (SPEC A.3); the reference copy then takes
+must prune as many of them (docs/behaviour.md §Ties); the reference copy then takes
 fastprune's choice, one the reference could have made, and the example goes on
 with exact comparisons. Every unambiguous call is compared exactly.
 
@@ -353,7 +353,8 @@ def settle_ties(mods, targets, units):
 # ----------------------------------------------------------------------------
 
 def reference_changed(before, module):
-    """Whether a failed reference call changed its module (SPEC A.1, [Q] §2)."""
+    """Whether a failed reference call changed its module (docs/behaviour.md
+    §Errors: the reference loses the hook of a failed re-prune)."""
     try:
         assert_same_snapshot(before, snapshot(module))
     except AssertionError:

@@ -4,10 +4,10 @@ masks of wrong types, degenerate shapes, odd values, layouts and devices.
 Each case runs on a fresh module per library (after the same setup, with the
 same seed). fastprune must end in the reference's state or raise the
 reference's exception (class and message); the few tests that expect
-otherwise say why in their docstrings (bugs fixed here, SPEC A.1; scores on
-which the reference silently prunes wrong or nothing, where fastprune
-raises). A fastprune call must never warn, and when it raises it must leave
-the module exactly as it was.
+otherwise say why in their docstrings (bugs fixed here, docs/behaviour.md
+§Differences; scores on which the reference silently prunes wrong or
+nothing, where fastprune raises). A fastprune call must never warn, and
+when it raises it must leave the module exactly as it was.
 """
 import fractions
 import warnings
@@ -540,8 +540,9 @@ def test_expanded_weight(call):
 
 @pytest.mark.parametrize("amount", [8, 0.25])
 def test_expanded_weight_in_global(amount):
-    """The reference's `.view(-1)` fails (SPEC A.1); fastprune prunes as the
-    reference does a contiguous copy, the mask in ones_like(weight)'s format."""
+    """The reference's `.view(-1)` fails (docs/behaviour.md §Differences);
+    fastprune prunes as the reference does a contiguous copy, the mask in
+    ones_like(weight)'s format."""
     def call(P, m):
         P.global_unstructured([(m, "weight"), (m, "bias")], P.L1Unstructured, amount=amount)
 
@@ -595,8 +596,8 @@ def test_expanded_importance_scores_in_global(stage):
 
 
 def test_reprune_of_channels_last_weight_keeps_its_format():
-    """SPEC A.1: the mask keeps the format ones_like(weight) has. The
-    reference's container returns contiguous masks (it clones the mask
+    """docs/behaviour.md §Differences: the mask keeps the format
+    ones_like(weight) has. The reference's container returns contiguous masks (it clones the mask
     contiguous), so only the values are the reference's, and the forward
     pass, which then convolves a channels_last instead of a contiguous
     weight, agrees up to rounding."""
@@ -749,7 +750,8 @@ def meta_summary(m):
 def test_reprune_on_meta(call, setup):
     """Like the reference, except that L1 and random pruning in a container
     work on meta: the reference's boolean indexing needs nonzero, which meta
-    lacks; fastprune's kernel path does not (as for global pruning, SPEC A.1)."""
+    lacks; fastprune's kernel path does not (as for global pruning,
+    docs/behaviour.md §Differences)."""
     out = outcomes(meta_conv, META_CALLS[call], setup=META_CALLS[setup])
     (m_ref, e_ref), (m_fast, e_fast) = out["ref"], out["fast"]
     if call in ("l1", "l1_int", "random"):

@@ -1,15 +1,20 @@
-"""Interoperation with torch.nn.utils.prune (SPEC A.5, A.6): either library's
-is_pruned/remove on the other's modules, both libraries on one tensor, user
-subclasses. (Serialization, copying and torch.compile: test_serialization.py.)"""
+"""Interoperation with torch.nn.utils.prune (docs/behaviour.md §Interop,
+§Custom methods): either library's is_pruned/remove on the other's modules,
+both libraries on one tensor, user subclasses. (Serialization, copying and
+torch.compile: test_serialization.py.)"""
 from unittest import mock
 
 import pytest
 import torch
 
 from conftest import (
-    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, example_input,
-    make_linear, make_net, pruning_hooks, tie_free,
+    FAST, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, each_lib, every_other,
+    example_input, lib_context, make_linear, make_net, pruning_hooks, tie_free,
 )
+
+# Each test runs with fastprune imported directly and reached through
+# torch.nn.utils.prune under fastprune.patch() (conftest.fast_impl).
+pytestmark = pytest.mark.usefixtures("fast_impl")
 
 CLASSES = ["Identity", "RandomUnstructured", "L1Unstructured", "RandomStructured", "LnStructured",
            "CustomFromMask", "PruningContainer"]
@@ -48,17 +53,21 @@ def test_is_pruned_and_remove_across_libraries(name, prune_lib, remove_lib):
     same result as using the reference throughout."""
     mixed, pure = net_conv_separated(), net_conv_separated()
     torch.manual_seed(0)
-    PRUNES[name](LIBS[prune_lib], mixed)
+    with lib_context(prune_lib):
+        PRUNES[name](LIBS[prune_lib], mixed)
     torch.manual_seed(0)
     PRUNES[name](REF, pure)
     other = LIBS[remove_lib]
-    assert other.is_pruned(mixed) is True
+    with lib_context(remove_lib):
+        assert other.is_pruned(mixed) is True
     for mod_name in ("conv", "fc"):
-        for P, m in ((other, mixed), (REF, pure)):
+        for key, P, m in ((remove_lib, other, mixed), ("ref", REF, pure)):
             mod = getattr(m, mod_name)
             if pruning_hooks(mod):
-                assert P.remove(mod, "weight") is mod
-    assert other.is_pruned(mixed) is False
+                with lib_context(key):
+                    assert P.remove(mod, "weight") is mod
+    with lib_context(remove_lib):
+        assert other.is_pruned(mixed) is False
     assert_same_pruned_state(pure, mixed)
 
 
@@ -93,7 +102,8 @@ def test_both_libraries_on_one_tensor(mix):
     mixed, pure = make_net(), make_net()
     for i, (lib, step) in enumerate(mix):
         torch.manual_seed(i)
-        STEP[step](LIBS[lib], mixed)
+        with lib_context(lib):
+            STEP[step](LIBS[lib], mixed)
         torch.manual_seed(i)
         STEP[step](REF, pure)
         assert_same_pruned_state(pure, mixed)
@@ -108,18 +118,6 @@ def test_both_libraries_on_one_tensor(mix):
 # ----------------------------------------------------------------------------
 # User subclasses of either library's BasePruningMethod
 # ----------------------------------------------------------------------------
-
-def every_other(P):
-    class EveryOther(P.BasePruningMethod):
-        """Tutorial pattern: prune every other entry."""
-        PRUNING_TYPE = "unstructured"
-
-        def compute_mask(self, t, default_mask):
-            mask = default_mask.clone()
-            mask.view(-1)[::2] = 0
-            return mask
-    return EveryOther
-
 
 def threshold(P):
     class Threshold(P.BasePruningMethod):
@@ -157,7 +155,7 @@ def test_user_methods_in_fastprune_container(base):
              lambda P, m: channel_drop(B).apply(m.fc, "weight", dim=1)]
     for user in users:
         mods = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             m = make_net()
             P.l1_unstructured(m.fc, "weight", 0.3)   # the first hook comes from library P
             user(P, m)
@@ -172,7 +170,7 @@ def test_user_method_in_container_compute_mask(base):
     t = tie_free((5, 6))
     default = (tie_free((5, 6), seed=1) > -0.5).float()
     outs = {}
-    for key, P in LIBS.items():
+    for key, P in each_lib():
         for make in (every_other, threshold, channel_drop):
             cls = make(LIBS[base])
             meth = cls(0.2) if make is threshold else cls()
@@ -187,7 +185,7 @@ def test_user_methods_in_global_unstructured(base):
     B = LIBS[base]
     for cls, kwargs in ((every_other(B), {}), (threshold(B), {"threshold": 0.4})):
         mods = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             m = make_net()
             params = [(m.conv, "weight"), (m.fc, "weight"), (m.fc, "bias")]
             P.global_unstructured(params, cls, **kwargs)
@@ -217,7 +215,7 @@ def test_subclass_of_fastprune_method():
 
 
 def test_compute_mask_is_looked_up_and_called_with_keyword_default_mask():
-    """The upstream tests mock `prune.<Cls>.compute_mask` (SPEC §1)."""
+    """The upstream tests mock `prune.<Cls>.compute_mask` (docs/behaviour.md §Surface)."""
     m = make_linear()
     with mock.patch.object(FAST.L1Unstructured, "compute_mask", autospec=True,
                            side_effect=lambda self, t, default_mask: default_mask) as cm:

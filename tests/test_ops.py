@@ -146,7 +146,7 @@ def test_count_above_candidates_raises(mask_dtype, only_ones):
         unstructured_mask(scores, mask, count=n + 1, only_ones=only_ones)
 
 
-# SPEC §4: Python round() on the float64 product (ties to even).
+# docs/behaviour.md §Amounts: Python round() on the float64 product (ties to even).
 BANKERS = [(0.5, 5, 2), (0.5, 3, 2), (0.5, 1, 0), (0.25, 2, 0), (0.75, 2, 2), (0.45, 10, 4),
            (0.35, 10, 4), (0.15, 10, 2), (0.5, 7, 4), (0.4, 17, 7), (0.5, 2, 1), (0.5, 9, 4), (1.0, 13, 13)]
 

@@ -1,5 +1,5 @@
 """Differential tests: fastprune.prune against torch.nn.utils.prune on the same
-tie-free inputs, for every public function, class and helper (SPEC Part B)."""
+tie-free inputs, for every public function, class and helper (docs/behaviour.md)."""
 import copy
 import inspect
 from contextlib import nullcontext
@@ -12,10 +12,14 @@ import torch.nn as nn
 import fastprune
 
 from conftest import (
-    FAST, FLOAT_DTYPES, LIBS, REF, assert_mask_equal, assert_same_pruned_state, channel_separated,
+    FAST, FLOAT_DTYPES, REF, assert_mask_equal, assert_same_pruned_state, channel_separated, each_lib,
     example_input, fill_tie_free, hook_summary, make_conv, make_linear, make_net, normalize_message,
     pruning_hooks, tie_free, with_channel_zeros,
 )
+
+# Each test runs with fastprune imported directly and reached through
+# torch.nn.utils.prune under fastprune.patch() (conftest.fast_impl).
+pytestmark = pytest.mark.usefixtures("fast_impl")
 
 INF = float("inf")
 
@@ -38,7 +42,7 @@ def run_both(make, *steps, seed=0, between=None):
     results = []
     for i, step in enumerate(steps):
         out, rng = {}, {}
-        for key, lib in LIBS.items():
+        for key, lib in each_lib():
             torch.manual_seed(seed + i)
             out[key] = step(lib, mods[key])
             rng[key] = torch.rand(4)
@@ -139,7 +143,7 @@ def params_of(fn):
 
 
 def test_instance_attributes():
-    for key, P in LIBS.items():
+    for key, P in each_lib():
         m = P.LnStructured(0.5, 2)
         assert (m.amount, m.n, m.dim) == (0.5, 2, -1)
         assert P.RandomStructured(3).dim == -1
@@ -152,7 +156,7 @@ def test_instance_attributes():
 
 
 def test_pruning_container_behaves_as_a_tuple():
-    for P in LIBS.values():
+    for _, P in each_lib():
         a, b = P.L1Unstructured(0.1), P.RandomUnstructured(0.2)
         a._tensor_name = b._tensor_name = "w"
         c = P.PruningContainer(a)
@@ -291,7 +295,8 @@ def test_random_unstructured_seeds():
 
 
 def test_structured_dtypes_follow_importance_scores():
-    """The structured mask takes the scores' dtype (SPEC §5); L1's takes the weight's."""
+    """The structured mask takes the scores' dtype (docs/behaviour.md §Mask
+    dtypes); L1's takes the weight's."""
     scores64 = channel_separated((4, 3, 3, 3), 0, torch.float64, 4)
     m_ref, m_fast, _ = run_both(make_conv, lambda P, m: P.ln_structured(m, "weight", 1, 2, 0, importance_scores=scores64))
     assert m_fast.weight_mask.dtype == torch.float64
@@ -321,7 +326,7 @@ def test_amount_true_matches_reference_outcome():
              lambda P, m: P.ln_structured(m, "weight", True, 2, 0)]
     for call in calls:
         outcome = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             m = conv_channels(0)()
             try:
                 call(P, m)
@@ -345,7 +350,7 @@ def forward(m, i):
 
 def stale_update(m, i):
     """An optimizer-like in-place change of the original weight without a
-    forward pass: the next prune must rank the stale cached tensor (SPEC §2.3)."""
+    forward pass: the next prune must rank the stale cached tensor (docs/behaviour.md §Apply)."""
     with torch.no_grad():
         m.weight_orig.copy_(tie_free(tuple(m.weight_orig.shape), m.weight_orig.dtype, seed=100 + i))
 
@@ -558,14 +563,14 @@ def test_remove_one_of_two_and_after_deleted_attribute():
 def test_remove_refreshes_rnn_flat_weights():
     torch.manual_seed(0)
     rnn = fill_tie_free(nn.LSTM(3, 4))
-    for P in LIBS.values():
+    for _, P in each_lib():
         m = copy.deepcopy(rnn)
         P.l1_unstructured(m, "weight_ih_l0", 0.5)
         P.remove(m, "weight_ih_l0")
         assert m._flat_weights[m._flat_weights_names.index("weight_ih_l0")] is m.weight_ih_l0
     x = torch.randn(2, 1, 3)
     outs = []
-    for P in LIBS.values():
+    for _, P in each_lib():
         m = copy.deepcopy(rnn)
         P.l1_unstructured(m, "weight_ih_l0", 0.5)
         P.remove(m, "weight_ih_l0")
@@ -574,7 +579,7 @@ def test_remove_refreshes_rnn_flat_weights():
 
 
 def test_is_pruned():
-    for P in LIBS.values():
+    for _, P in each_lib():
         m = make_net()
         assert P.is_pruned(m) is False
         m.fc.register_forward_pre_hook(lambda mod, inp: None)
@@ -640,7 +645,7 @@ METHODS = {
 def test_container_compute_mask(method, mask_name):
     t = grid_scores()
     out = {}
-    for key, P in LIBS.items():
+    for key, P in each_lib():
         meth = METHODS[method](P)
         meth._tensor_name = "w"
         container = P.PruningContainer(meth)
@@ -662,7 +667,7 @@ def test_compute_mask(method, mask_name, tdtype):
         pytest.skip("float16 draws tie too often for a seed-exact comparison")
     t = grid_scores(tdtype)
     out = {}
-    for key, P in LIBS.items():
+    for key, P in each_lib():
         default_mask = default_masks()[mask_name]
         torch.manual_seed(0)
         res = METHODS[method](P).compute_mask(t, default_mask=default_mask)
@@ -679,7 +684,7 @@ def test_prune_method(method):
     for kwargs in ({}, {"default_mask": default_masks()["partial"]}, {"importance_scores": scores},
                    {"default_mask": default_masks()["halves"], "importance_scores": scores}):
         out = {}
-        for key, P in LIBS.items():
+        for key, P in each_lib():
             torch.manual_seed(1)
             out[key] = METHODS[method](P).prune(t, **kwargs)
         assert_mask_equal(out["fast"], out["ref"])
@@ -687,7 +692,7 @@ def test_prune_method(method):
 
 def test_container_applies_only_the_last_method():
     t = tie_free((4, 6))
-    for P in LIBS.values():
+    for _, P in each_lib():
         a, b = P.L1Unstructured(0.5), P.L1Unstructured(2)
         a._tensor_name = b._tensor_name = "w"
         c = P.PruningContainer(a)

@@ -1,7 +1,8 @@
-"""Serialization, copying, compilation and training of pruned models (SPEC §9,
-A.1; issue #6): state_dict round trips within and across the two libraries,
-torch.save/torch.load and pickle of whole models, copy.deepcopy, torch.compile,
-and optimizer steps on pruned models."""
+"""Serialization, copying, compilation and training of pruned models
+(docs/behaviour.md §Serialization, §Differences; issue #6): state_dict round
+trips within and across the two libraries, torch.save/torch.load and pickle of
+whole models, copy.deepcopy, torch.compile, and optimizer steps on pruned
+models."""
 import copy
 import importlib
 import io
@@ -169,9 +170,10 @@ def refused_globals(buf, allowed):
 
 @pytest.mark.parametrize("recipe", ["mixed", "containers", "both_libraries"])
 def test_torch_load_weights_only(recipe):
-    """SPEC §9: the default torch.load (weights_only=True) refuses the hook
-    classes of both libraries alike; allowlisted, they load. A state_dict is
-    plain tensors and loads as it is."""
+    """docs/behaviour.md §Serialization: the default torch.load
+    (weights_only=True) refuses the hook classes of both libraries alike;
+    allowlisted, they load. A state_dict is plain tensors and loads as it
+    is."""
     out = {}
     for key, P in LIBS.items():
         m = pruned(P, recipe)
@@ -217,8 +219,9 @@ def test_deepcopy_under_no_grad_like_reference():
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_deepcopy_under_grad_mode(recipe):
-    """SPEC A.1 (pytorch#37322): the copy equals the reference's copy of the
-    model pruned under no_grad, and is independent of the original."""
+    """docs/behaviour.md §Differences (pytorch#37322): the copy equals the
+    reference's copy of the model pruned under no_grad, and is independent of
+    the original."""
     fast = pruned(FAST, recipe)
     if recipe != "both_libraries":  # there the last prune of each tensor is fastprune's
         with pytest.raises(RuntimeError, match="Only Tensors created explicitly by the user"):
@@ -317,8 +320,8 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_training_after_pruning(recipe, optimizer):
     """A few steps, a prune without a forward in between (stale default
-    scores, SPEC §2.3), more steps, then remove: the fastprune model stays
-    bit for bit equal to its reference twin, and the pruned entries of every
+    scores, docs/behaviour.md §Apply), more steps, then remove: the
+    fastprune model stays bit for bit equal to its reference twin, and the pruned entries of every
     `_orig` get zero gradient."""
     mods = {key: pruned(P, recipe) for key, P in LIBS.items()}
     opts = {key: OPTIMIZERS[optimizer](m.parameters()) for key, m in mods.items()}

@@ -1,8 +1,14 @@
 """fastprune: fast pruning masks, a drop-in for ``torch.nn.utils.prune``.
 
 ``import fastprune.prune as prune`` replaces ``import torch.nn.utils.prune as
-prune``; the kernels are the ops in ``torch.ops.fastprune``.
+prune``; the kernels are the ops in ``torch.ops.fastprune``. For code that
+cannot change its import, ``fastprune.patch()`` (or ``with
+fastprune.patched():``) makes ``torch.nn.utils.prune`` itself compute with
+fastprune; ``FASTPRUNE_PATCH=1`` in the environment does it at import.
 """
+import os
+import warnings
+
 import torch
 
 try:
@@ -23,6 +29,7 @@ from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops, prune
 from .ops import cache_info, empty_cache, set_cache_limit  # noqa: F401
 from .prune import *  # noqa: F401,F403
+from .patch import is_patched, patch, patched, unpatch  # noqa: F401  (shadows the submodule name)
 
 __version__ = "0.1.0"
 
@@ -46,3 +53,16 @@ def build_info():
         "running_torch_version": str(torch.__version__),
         "cuda_kernels": torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::unstructured_mask", "CUDA"),
     }
+
+
+def _patch_from_environment():
+    """``FASTPRUNE_PATCH=1``: patch now (see :func:`fastprune.patch`)."""
+    value = os.environ.get("FASTPRUNE_PATCH", "")
+    if value == "1":
+        patch()
+    elif value not in ("", "0"):
+        warnings.warn(f"fastprune: FASTPRUNE_PATCH={value!r} ignored; use 1 to patch "
+                      "torch.nn.utils.prune, 0 or unset not to", stacklevel=2)
+
+
+_patch_from_environment()

@@ -2,7 +2,7 @@
 
 ``import fastprune.prune as prune`` behaves like ``import torch.nn.utils.prune
 as prune`` (same classes, functions, hooks, buffers, dtypes, amounts, errors),
-with these differences (see SPEC.md, Part A):
+with these differences (docs/behaviour.md §Differences says why):
 
 * unstructured masks come from one selection kernel
   (:func:`fastprune.ops.unstructured_mask`) that reads masks and scores in
