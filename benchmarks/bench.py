@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as ref_prune
 
+import fastprune
 import fastprune.prune as fast_prune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,9 +105,11 @@ class Workload:
     """make(dtype, quick) -> module; prepare(prune, module) runs untimed on each
     side's copy first; run(prune, module) is what is timed."""
 
-    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None, idiom=None, prunes=1):
+    def __init__(self, name, make, run, floor_bytes, note="", prepare=None, agree=None, idiom=None, prunes=1,
+                 patched=False):
         self.name, self.make, self.run, self.floor_bytes, self.note = name, make, run, floor_bytes, note
         self.prunes = prunes  # prunes of each parameter per run: each creates a mask and a pruned tensor
+        self.patched = patched  # also time torch.nn.utils.prune's own functions under fastprune.patched()
         self.prepare = prepare or (lambda prune, m: None)
         self.agree = agree or masks_equal
         self.idiom = idiom  # the hand-rolled kthvalue-threshold alternative, where one applies
@@ -194,7 +197,8 @@ def _add(w):
 
 _add(Workload("l1_unstructured", _single((4096, 4096), (64, 64)),
               lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5),
-              lambda m: _bytes(m, 3, 2), "amount 0.5, Linear 4096x4096", idiom=kthvalue_idiom(0.5)))
+              lambda m: _bytes(m, 3, 2), "amount 0.5, Linear 4096x4096", idiom=kthvalue_idiom(0.5),
+              patched=True))
 _add(Workload("iterative", _single((4096, 4096), (64, 64)), _iterative(1),
               lambda m: _bytes(m, 3, 2), "one more round of 0.2 after 0.5",
               prepare=lambda prune, m: prune.l1_unstructured(m, "p0", amount=0.5)))
@@ -281,15 +285,25 @@ def time_side(w, prune, state, repeats, budget_s=20.0, run=None):
     return statistics.median(_timed(w, prune, state, run) for _ in range(repeats))
 
 
+def _patched_run(w):
+    """The workload through torch.nn.utils.prune's own functions, with fastprune patched in."""
+    def run(m):
+        with fastprune.patched():
+            w.run(ref_prune, m)
+    return run
+
+
 def time_interleaved(w, state, rounds):
     """What a user's process lives: `rounds` rounds of one call of each side
-    in turn (the reference, then fastprune), each on a fresh copy that is freed
+    in turn (the reference, then fastprune, then for `w.patched` the reference's
+    functions under fastprune.patched()), each on a fresh copy that is freed
     before the next call, so every call follows the other library's work.
     Returns {side: [seconds per round]}."""
-    times = {side: [] for side in SIDES}
+    sides = dict(SIDES, **({"patched": ref_prune} if w.patched else {}))
+    times = {side: [] for side in sides}
     for _ in range(rounds):
-        for side, prune in SIDES.items():
-            times[side].append(_timed(w, prune, state))
+        for side, prune in sides.items():
+            times[side].append(_timed(w, prune, state, _patched_run(w) if side == "patched" else None))
     return times
 
 
@@ -349,6 +363,10 @@ def run_workload(w, dtype, device, quick, repeats, bandwidth, peak, fresh_cost=0
         w.run(prune, m)
         done[side] = _masks(m)
     ok = w.agree(done["torch"], done["fastprune"])
+    if w.patched:  # the patched path must give fastprune's masks
+        m = w.fresh(ref_prune, state)
+        _patched_run(w)(m)
+        ok = ok and masks_equal(done["fastprune"], _masks(m))
     row = {"workload": w.name, "note": w.note, "numel": sum(p.numel() for p in state.parameters()),
            "masks_agree": ok}
     for side, times in time_interleaved(w, state, repeats).items():
@@ -454,6 +472,9 @@ def markdown(rows, info, bandwidth, fresh_cost=None):
                      f"{_ms(r.get('fastprune_best_s'))} ({_x(r.get('speedup_best'))}) | "
                      f"{_ms(r.get('torch_first_s'))} | {_ms(r.get('fastprune_first_s'))} | "
                      f"{_x(r.get('speedup_first'))} |")
+    lines += [f"\n{r['workload']} through `torch.nn.utils.prune` under `fastprune.patched()`: "
+              f"{_ms(r['patched_s'])} median, {_ms(r['patched_worst_s'])} worst (direct import: "
+              f"{_ms(r['fastprune_s'])}, {_ms(r['fastprune_worst_s'])})." for r in rows if "patched_s" in r]
     lines += ["", "| workload | copy floor | of floor | floor + fresh pages | of it, first call | kthvalue idiom | "
               "peak torch | peak fastprune | masks agree |",
               "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]

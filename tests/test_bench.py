@@ -22,6 +22,8 @@ def test_quick_benchmark_runs_and_masks_match(tmp_path):
             assert r[f"{side}_worst_s"] == max(r[f"{side}_times_s"])
         assert r["fastprune_best_s"] > 0 and r["fresh_floor_s"] >= r["floor_s"] > 0
     assert result["fresh_page_cost_s_per_byte"] >= 0
+    patched = [r for r in result["rows"] if "patched_s" in r]  # the patch next to the direct import
+    assert [r["workload"] for r in patched] == ["l1_unstructured"] and patched[0]["patched_s"] > 0
     assert (tmp_path / "quick.md").read_text().count("\n") >= len(names) + 3
     assert (tmp_path / "quick.png").stat().st_size > 0
 
