@@ -1071,6 +1071,29 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     Returns:
         None
     """
+    prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+    currents, scores, masks = prepared.currents, prepared.scores, prepared.masks
+    method, container = prepared.method, prepared.container
+    kind = _kernel_kind(method)
+    if kind is not None and not any(m.is_complex() for m in prepared.masks_or_ones):  # kernels take real masks
+        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
+    else:
+        own_masks = _global_reference_masks(container, currents, scores, masks)
+    _apply_global_masks(prepared.parameters, own_masks, masks)
+
+
+class _PreparedGlobal:
+    """The checked arguments of a global prune (see :func:`_prepare_global`)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow_empty=False):
+    """Check the arguments of :func:`global_unstructured` as the reference does
+    and gather what the masks need: each pair's current tensor, scores, and
+    mask (None when unpruned), the method and its one-member container.
+    ``allow_empty`` accepts no pairs (a rank of a distributed prune)."""
     if not isinstance(parameters, Iterable):
         raise TypeError("global_unstructured(): parameters is not an Iterable")
     if importance_scores is None:
@@ -1095,7 +1118,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
-    if not parameters:
+    if not parameters and not allow_empty:
         raise ValueError("torch.cat(): expected a non-empty list of Tensors")
 
     method = pruning_method(**kwargs)
@@ -1107,12 +1130,25 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     container = PruningContainer()
     container._tensor_name = "temp"
     container.add_pruning_method(method)
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores]) if scores else None
+    return _PreparedGlobal(parameters=parameters, currents=currents, scores=scores, masks=masks,
+                           masks_or_ones=masks_or_ones, method=method, container=container, dtype=dtype,
+                           device=scores[0].device if scores else None)
 
-    kind = _kernel_kind(method)
-    if kind is not None and not any(m.is_complex() for m in masks_or_ones):  # kernels take real masks
-        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
-    else:
-        own_masks = _global_reference_masks(container, currents, scores, masks)
+
+def _global_count(amount, n):
+    """k of a global prune with ``n`` candidates, validated as the reference does."""
+    k = _compute_nparams_toprune(amount, n)
+    _validate_pruning_amount(k, n)
+    _check_count(k)
+    return k
+
+
+def _apply_global_masks(parameters, own_masks, masks):
+    """Prune each pair with its mask through :func:`custom_from_mask`; all or
+    nothing: if one fails, every module is put back as it was.
+
+    ``masks`` holds each pair's mask before (None: it was unpruned)."""
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
