@@ -115,3 +115,53 @@ def test_no_process_group_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="no initialized process group"):
         D.global_unstructured([(nn.Linear(2, 2), "weight")], FAST.L1Unstructured, amount=0.5)
+
+
+def dtensor_checks(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    meshes = [(init_device_mesh("cpu", (world,)), [[Shard(0)], [Shard(1)], [Replicate()]])]
+    if world == 4:
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        meshes.append((mesh2, [[Replicate(), Shard(0)], [Shard(0), Shard(1)], [Shard(1), Shard(1)]]))
+
+    def sharded(layers, mesh, placements):
+        for layer in layers:
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, placements))
+        return layers
+
+    checked = 0
+    for mesh, placement_list in meshes:
+        for placements in placement_list:
+            for dtype in (torch.float32, torch.bfloat16):
+                # Per tensor, then an iterative round (the container path).
+                whole, mine = model(dtype), sharded(model(dtype), mesh, placements)
+                for amount in (0.4, 0.25):
+                    for a, b in zip(whole, mine):
+                        FAST.l1_unstructured(a, "weight", amount=amount)
+                        FAST.l1_unstructured(b, "weight", amount=amount)
+                        assert type(b.weight_mask).__name__ == "DTensor"
+                        assert b.weight_mask.placements == b.weight_orig.placements
+                        assert torch.equal(a.weight_mask, b.weight_mask.full_tensor()), (placements, dtype)
+                        assert torch.equal(a.weight, b.weight.full_tensor())
+                # Global, twice (the second round ranks only what is left).
+                whole, mine = model(dtype, 2), sharded(model(dtype, 2), mesh, placements)
+                for amount in (0.3, 0.5):
+                    FAST.global_unstructured([(m, "weight") for m in whole], FAST.L1Unstructured, amount=amount)
+                    FAST.global_unstructured([(m, "weight") for m in mine], FAST.L1Unstructured, amount=amount)
+                    for a, b in zip(whole, mine):
+                        assert torch.equal(a.weight_mask, b.weight_mask.full_tensor()), (placements, dtype)
+                # Remove makes it permanent, as unsharded.
+                for a, b in zip(whole, mine):
+                    FAST.remove(a, "weight")
+                    FAST.remove(b, "weight")
+                    assert torch.equal(a.weight, b.weight.full_tensor())
+                assert not FAST.is_pruned(mine)
+                checked += 1
+    return checked
+
+
+def test_dtensor_l1_masks_equal_the_unsharded_result():
+    for world in (2, 3, 4):
+        assert all(n > 0 for n in run_ranks(world, dtensor_checks))

@@ -157,8 +157,8 @@ class Piece:
         is one contiguous run of the full tensor's row-major order, else None."""
         local = tuple(self.scores.shape)
         partial = [d for d in range(len(local)) if local[d] != self.shape[d]]
-        if partial and any(local[d] != self.shape[d] for d in range(partial[0] + 1, len(local))):
-            return None
+        if partial and (math.prod(self.shape[:partial[0]]) > 1 or partial[1:]):
+            return None  # rows of a block cut along a later dim, or cut along two dims
         return self.start + self._flat(self.offset)
 
     def _flat(self, index):

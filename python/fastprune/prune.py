@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import ops
+from . import dtensor, ops
 
 __all__ = [
     "BasePruningMethod",
@@ -248,7 +248,10 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if hasattr(module, name):
             delattr(module, name)
         orig = module._parameters[name + "_orig"]
-        orig.data = pruned.data
+        if dtensor.is_dtensor(orig):  # `.data =` does not reach a DTensor's local shard
+            dtensor.assign(orig, pruned)
+        else:
+            orig.data = pruned.data
         del module._parameters[name + "_orig"]
         del module._buffers[name + "_mask"]
         setattr(module, name, orig)
@@ -404,6 +407,8 @@ def _unpruned_mask(orig, scores):
     one where the result's layout (the scores') is ``ones_like(orig)``'s too.
     Anything else (a None parameter too) goes to ``torch.ones_like``, which
     fails on it as the reference does."""
+    if dtensor.is_dtensor(orig):
+        return dtensor.ones_like(orig)
     if (isinstance(orig, torch.Tensor) and isinstance(scores, torch.Tensor) and orig.numel() > 1
             and orig.is_contiguous() and scores.is_contiguous()):
         return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
@@ -464,7 +469,11 @@ def _magnitude_scores(t):
 
 
 def _select(scores, mask, **kwargs):
-    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device."""
+    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device (across
+    ranks for a DTensor)."""
+    if dtensor.is_dtensor(scores):
+        k = kwargs.pop("count")
+        return dtensor.select_masks([scores], [mask], lambda n: k, **kwargs)[0]
     if scores.device != mask.device:
         scores = scores.to(mask.device)
     if mask.is_complex():  # (a complex parameter) the kernel takes real masks
@@ -1201,6 +1210,10 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     """
     scores, dtype = _promoted_scores(scores)
     olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
+    if kind == "l1" and any(dtensor.is_dtensor(s) for s in scores):
+        new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
+                                   lambda n: _global_count(amount, n), only_ones=True)
+        return [m.to(dtype) for m in new]
     if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
         new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
