@@ -33,6 +33,36 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "global_unstructured_masks(Tensor[] scores, Tensor[] masks, int count, "
       "float fraction, bool only_ones, bool largest) -> Tensor[]");
+  // The separable passes of the magnitude select, for a caller that ranks
+  // tensors spread over several processes (fastprune.distributed): each
+  // process runs a pass on its own tensors, the results are summed across
+  // processes, and every process derives the same next step. Keys are those
+  // of unstructured_mask (|score|, NaN above inf, mirrored when `largest`);
+  // they are below 2^63 and travel as non-negative ints. Digits are 11 bits
+  // wide, counted from the most significant: a key of b bits has ceil(b / 11)
+  // digits (2 for float16/bfloat16, 3 for float32, 6 for float64). Tensors
+  // are ranked as one concatenation in list order, as in
+  // global_unstructured_masks; candidates are as there.
+  //
+  // Counts (int64, 2048 bins, on the scores' device) of digit `digit` over
+  // the candidates whose higher digits equal those of `prefix` (its bits at
+  // and below digit `digit` are ignored).
+  m.def(
+      "radix_histogram(Tensor[] scores, Tensor[] masks, int digit, int prefix, "
+      "bool only_ones, bool largest) -> Tensor");
+  // Per tensor (int64, one per tensor, on the scores' device): the candidates
+  // whose key is `key`.
+  m.def(
+      "count_at_key(Tensor[] scores, Tensor[] masks, int key, bool only_ones, "
+      "bool largest) -> Tensor");
+  // One new mask per tensor, as global_unstructured_masks shapes it: of the
+  // candidates, those with key < `key` are 0, and so are those with key ==
+  // `key` whose tie number lies in [skip, skip + take) (ties numbered from 0
+  // in concatenation order: lower tensor, then lower row-major flat index).
+  // Every other entry equals the mask.
+  m.def(
+      "masks_at_threshold(Tensor[] scores, Tensor[] masks, int key, int skip, "
+      "int take, bool only_ones, bool largest) -> Tensor[]");
   // The norm of every slice of `t` along `dim` (all other dimensions reduced),
   // as float64 of shape (t.size(dim),): p = inf is max |x|, -inf min |x|, 0
   // the count of non-zeros, else (sum |x|^p)^(1/p), as torch.linalg.vector_norm

@@ -35,8 +35,7 @@ inline at::Tensor plain_empty_like(const at::Tensor& like, at::ScalarType dtype,
   return at::empty_like(like, like.options().dtype(dtype), format);
 }
 
-inline Operand make_operand(
-    const at::Tensor& scores, const at::Tensor& mask, EmptyLike empty_like = plain_empty_like) {
+inline void check_pair(const at::Tensor& scores, const at::Tensor& mask) {
   TORCH_CHECK(
       scores.sizes() == mask.sizes(),
       "fastprune: scores and mask must have the same shape, got ",
@@ -49,6 +48,11 @@ inline Operand make_operand(
       scores.device() == mask.device(),
       "fastprune: scores and mask must be on the same device, got ",
       scores.device(), " and ", mask.device());
+}
+
+inline Operand make_operand(
+    const at::Tensor& scores, const at::Tensor& mask, EmptyLike empty_like = plain_empty_like) {
+  check_pair(scores, mask);
   // Same memory format as the mask (what clone/ones_like would give); a
   // broadcast mask follows the scores instead.
   const bool broadcast = is_broadcast_scalar(mask);
@@ -74,6 +78,48 @@ inline std::vector<Operand> make_operands(
     ops.push_back(make_operand(scores[i], masks[i], empty_like));
   }
   return ops;
+}
+
+// The inputs of a pass that writes nothing (radix_histogram, count_at_key):
+// scores and masks read in place (contiguous or a broadcast mask), no output.
+inline std::vector<Operand> make_pass_inputs(
+    const char* op, at::TensorList scores, at::TensorList masks) {
+  TORCH_CHECK(
+      scores.size() == masks.size(), op, ": got ", scores.size(),
+      " score tensors and ", masks.size(), " masks");
+  TORCH_CHECK(!scores.empty(), op, ": expected at least one tensor");
+  std::vector<Operand> ops;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    check_pair(scores[i], masks[i]);
+    Operand op_i;
+    op_i.scores = scores[i].contiguous();
+    op_i.mask = is_broadcast_scalar(masks[i]) ? masks[i] : masks[i].contiguous();
+    ops.push_back(std::move(op_i));
+  }
+  return ops;
+}
+
+// A key passed through an `int` schema argument: keys are below 2^63 (the
+// key transform clears the sign bit), so they travel as non-negative int64.
+template <typename key_t>
+key_t pass_key(const char* op, int64_t key) {
+  TORCH_CHECK(
+      key >= 0 && static_cast<uint64_t>(key) <= static_cast<uint64_t>(static_cast<key_t>(~key_t{0})),
+      op, ": key must lie in [0, ", static_cast<uint64_t>(static_cast<key_t>(~key_t{0})),
+      "] for these scores, got ", key);
+  return static_cast<key_t>(key);
+}
+
+inline void check_pass_digit(const char* op, int64_t digit, int digits) {
+  TORCH_CHECK(
+      digit >= 0 && digit < digits, op, ": digit must lie in [0, ", digits,
+      ") for these scores, got ", digit);
+}
+
+inline void check_tie_window(const char* op, int64_t skip, int64_t take) {
+  TORCH_CHECK(
+      skip >= 0 && take >= 0, op, ": skip and take must be non-negative, got ",
+      skip, " and ", take);
 }
 
 // Checks what all tensors of one select must share.

@@ -10,7 +10,11 @@
 //
 // Tie rule. All keys below the threshold key are pruned; of the keys equal to
 // it, the ones with the lowest row-major flat index are pruned first (for
-// several tensors: lower tensor position first, then lower flat index).
+// several tensors: lower tensor position first, then lower flat index). The
+// separable passes generalize this to a window: the ties numbered (in that
+// order, from 0) in [skip, skip + take) are pruned, so that a caller who
+// knows how many ties come before a piece of the ranking (on other ranks)
+// can prune its share.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -35,15 +39,6 @@ struct KeyOf<float> { using type = uint32_t; static constexpr type kInf = 0x7F80
 template <>
 struct KeyOf<double> { using type = uint64_t; static constexpr type kInf = 0x7FF0000000000000ull; };
 
-// Bits per radix digit and bins per histogram.
-constexpr int kDigitBits = 16;
-constexpr int64_t kBins = int64_t{1} << kDigitBits;
-
-template <typename key_t>
-constexpr int num_digits() {
-  return static_cast<int>(sizeof(key_t) * 8 / kDigitBits);
-}
-
 // The order-preserving key of |v| (mirrored when `largest`).
 template <typename scalar_t>
 C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
@@ -60,20 +55,41 @@ C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
   return largest ? static_cast<key_t>(kAbs - bits) : bits;
 }
 
-// Digit `d` of a key, counted from the most significant.
-template <typename key_t>
-C10_HOST_DEVICE inline uint32_t key_digit(key_t key, int d) {
-  const int shift = static_cast<int>(sizeof(key_t) * 8) - kDigitBits * (d + 1);
-  return static_cast<uint32_t>((key >> shift) & (kBins - 1));
-}
+// The radix digits of a key, `Bits` wide, counted from the most significant;
+// the last one is narrower when `Bits` does not divide the key width. The
+// CPU's single-process select uses 16-bit digits (one pass for 16-bit keys,
+// a 65536-bin histogram fits its L2), the CUDA select 11-bit ones (a 2048-bin
+// histogram fits shared memory), and the separable passes (radix_histogram,
+// on every device) kPassDigitBits.
+template <typename key_t, int Bits>
+struct Radix {
+  static constexpr int kBits = Bits;
+  static constexpr int64_t kBins = int64_t{1} << Bits;
+  static constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
+  static constexpr int kDigits = (kKeyBits + Bits - 1) / Bits;
 
-// The bits of a key above digit `d` (those the earlier digits fixed).
-template <typename key_t>
-C10_HOST_DEVICE inline key_t prefix_mask(int d) {
-  const int bits = kDigitBits * d;
-  return bits == 0 ? key_t{0}
-                   : static_cast<key_t>(static_cast<key_t>(~key_t{0}) << (sizeof(key_t) * 8 - bits));
-}
+  // The lowest key bit of digit d.
+  C10_HOST_DEVICE static int shift(int d) {
+    const int s = kKeyBits - Bits * (d + 1);
+    return s > 0 ? s : 0;
+  }
+
+  C10_HOST_DEVICE static uint32_t digit(key_t key, int d) {
+    const int width = kKeyBits - Bits * d - shift(d);
+    return static_cast<uint32_t>(key >> shift(d)) & ((1u << width) - 1);
+  }
+
+  // The bits of a key above digit d (those the earlier digits fixed).
+  C10_HOST_DEVICE static key_t prefix_mask(int d) {
+    return d == 0 ? key_t{0}
+                  : static_cast<key_t>(static_cast<key_t>(~key_t{0}) << (kKeyBits - Bits * d));
+  }
+};
+
+// Digit width of the separable passes: 2048 bins (16 KiB of int64 counts per
+// histogram, what a distributed select sends per pass); 2 passes for 16-bit
+// keys, 3 for 32-bit, 6 for 64-bit.
+constexpr int kPassDigitBits = 11;
 
 // Where the rank-th smallest key (1-based) falls in a histogram: its bin, and
 // how many counted keys lie in lower bins.
@@ -112,6 +128,12 @@ C10_HOST_DEVICE inline int64_t tie_quota(
     int64_t need, int64_t ties_before, int64_t ties_here) {
   const int64_t left = need - ties_before;
   return left <= 0 ? 0 : (left < ties_here ? left : ties_here);
+}
+
+// The end of the tie window [skip, skip + take), saturating at INT64_MAX.
+C10_HOST_DEVICE inline int64_t tie_window_end(int64_t skip, int64_t take) {
+  constexpr int64_t kMax = 0x7FFFFFFFFFFFFFFFll;
+  return take > kMax - skip ? kMax : skip + take;
 }
 
 // `v` if keep, else an exact +0 of its type; branch-free (a bit mask on the

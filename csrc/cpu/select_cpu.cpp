@@ -47,7 +47,9 @@ struct Segment {
 template <typename score_t>
 class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
-  static constexpr int kDigits = num_digits<key_t>();
+  using Digits = Radix<key_t, 16>;
+  static constexpr int kDigits = Digits::kDigits;
+  static constexpr int64_t kBins = Digits::kBins;
   static constexpr int kWays = 4;
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
   static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
@@ -92,8 +94,7 @@ class UnstructuredSelect {
       if (d > 0) histogram(d, prefix);
       const Bucket b = find_bucket(total_.data(), rank);
       rank -= b.below;
-      const int shift = static_cast<int>(sizeof(key_t) * 8) - kDigitBits * (d + 1);
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << shift);
+      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
       if (d + 1 == kDigits) {
         write(prefix, rank, b.bin);
         return;
@@ -358,8 +359,8 @@ class UnstructuredSelect {
   // so runs of one bin do not serialize on a single counter; they are folded
   // into the chunk's 64-bit histogram before they could overflow.
   void histogram(int d, key_t prefix) {
-    const key_t pmask = prefix_mask<key_t>(d);
-    const int shift = static_cast<int>(sizeof(key_t) * 8) - kDigitBits * (d + 1);
+    const key_t pmask = Digits::prefix_mask(d);
+    const int shift = Digits::shift(d);
     const bool largest = largest_;
     for_each_chunk([&](int64_t c) {
       int64_t* h = hist_.data() + c * kBins;
@@ -467,7 +468,7 @@ class UnstructuredSelect {
     uint32_t bin;
     Candidate* next;
     bool operator()(key_t key, int64_t i, bool cand) {
-      const uint32_t digit = key_digit(key, 0);
+      const uint32_t digit = Digits::digit(key, 0);
       if (C10_UNLIKELY(cand & (digit == bin))) *next++ = Candidate{key, i};
       return cand & (digit < bin);
     }

@@ -49,33 +49,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 16;  // elements per thread and tile
 constexpr int64_t kTile = kThreads * kItems;
-constexpr int kRadixBits = 11;
+constexpr int kRadixBits = kPassDigitBits;  // the select and the passes count alike
 constexpr int kRadixBins = 1 << kRadixBits;
-
-// The 11-bit digits of a key, counted from the most significant; the last one
-// is narrower when 11 does not divide the key width.
-template <typename key_t>
-struct Radix {
-  static constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
-  static constexpr int kPasses = (kKeyBits + kRadixBits - 1) / kRadixBits;
-
-  // The lowest key bit of digit d.
-  C10_HOST_DEVICE static int shift(int d) {
-    const int s = kKeyBits - kRadixBits * (d + 1);
-    return s > 0 ? s : 0;
-  }
-
-  C10_HOST_DEVICE static uint32_t digit(key_t key, int d) {
-    const int width = kKeyBits - kRadixBits * d - shift(d);
-    return static_cast<uint32_t>(key >> shift(d)) & ((1u << width) - 1);
-  }
-
-  // The bits of a key above digit d (those the earlier digits fixed).
-  C10_HOST_DEVICE static key_t prefix_mask(int d) {
-    return d == 0 ? key_t{0}
-                  : static_cast<key_t>(static_cast<key_t>(~key_t{0}) << (kKeyBits - kRadixBits * d));
-  }
-};
 
 // One tensor of a select over one or several tensors, flattened row-major; as
 // stored in the device table.
@@ -180,13 +155,13 @@ __global__ void histogram_kernel(
   __shared__ uint32_t bins[kRadixBins];
   for (int b = threadIdx.x; b < kRadixBins; b += kThreads) bins[b] = 0;
   __syncthreads();
-  const key_t pmask = Radix<key_t>::prefix_mask(pass);
+  const key_t pmask = Radix<key_t, kRadixBits>::prefix_mask(pass);
   for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
     for_each_element<score_t>(
         tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/only_ones,
         [&](bool, int64_t, bool cand, key_t key, auto, auto*) {
           if (cand && (key & pmask) == prefix) {
-            atomicAdd(&bins[Radix<key_t>::digit(key, pass)], 1u);
+            atomicAdd(&bins[Radix<key_t, kRadixBits>::digit(key, pass)], 1u);
           }
         });
   }
@@ -217,23 +192,27 @@ __global__ void count_ties_kernel(
 }
 
 // The write pass, one block per tile: out = mask, except candidates with key <
-// thr and the first `need` candidates with key == thr in flat order, which get
-// 0. `ties` and its inclusive cumsum `ties_end` are the per-tile tie counts;
-// null when `need` is 0 or all of the ties.
+// thr and the candidates with key == thr whose tie rank (their place among
+// all ties in flat order, from 0) lies in [lo, hi), which get 0. `ties` and
+// its inclusive cumsum `ties_end` are the per-tile tie counts; null when the
+// window holds none or all of the ties.
 template <typename score_t>
 __global__ void write_kernel(
     const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
-    int64_t need, const int64_t* ties, const int64_t* ties_end, bool only_ones,
-    bool largest) {
+    int64_t lo, int64_t hi, const int64_t* ties, const int64_t* ties_end,
+    bool only_ones, bool largest) {
   using key_t = typename KeyOf<score_t>::type;
   using BlockScan = cub::BlockScan<int, kThreads>;
   __shared__ typename BlockScan::TempStorage temp;
   const int64_t t = blockIdx.x;
-  int64_t quota = need;  // this tile's share of the ties to prune
-  bool ranked = false;   // a partial share (one tile at most): rank the ties
+  // This tile's ties ranked [first, last) (tile-local ranks) are pruned.
+  int64_t first = 0, last = hi - lo;
+  bool ranked = false;  // a part of the tile's ties only: rank them
   if (ties != nullptr) {
-    quota = tie_quota(need, ties_end[t] - ties[t], ties[t]);
-    ranked = quota > 0 && quota < ties[t];
+    const int64_t before = ties_end[t] - ties[t];
+    first = tie_quota(lo, before, ties[t]);
+    last = tie_quota(hi, before, ties[t]);
+    ranked = last > first && (first > 0 || last < ties[t]);
   }
   int64_t seen = 0;  // ties in the earlier rounds of a ranked tile
   for_each_element<score_t>(
@@ -245,41 +224,117 @@ __global__ void write_kernel(
           int before = 0, round_ties = 0;
           BlockScan(temp).ExclusiveSum(static_cast<int>(tie), before, round_ties);
           __syncthreads();  // temp is reused by the next round
-          cut = cut || (tie && seen + before < quota);
+          cut = cut || (tie && seen + before >= first && seen + before < last);
           seen += round_ties;
         } else {
-          cut = cut || (tie && quota > 0);
+          cut = cut || (tie && last > first);
         }
         if (valid) out[i] = keep_or_zero(v, !cut);
       });
 }
 
+// The segment table of `ops` on their device (copied from pinned memory
+// without a host sync), the count of segments and of tiles; empty tensors
+// are left out. Outputs are written where an operand has one (`dst`).
+struct Table {
+  at::Tensor table;
+  std::vector<Segment> segs;
+  int64_t ntiles = 0;
+  const Segment* data() const { return static_cast<const Segment*>(table.const_data_ptr()); }
+  int size() const { return static_cast<int>(segs.size()); }
+};
+
+uint64_t one_bits(at::ScalarType type);
+
+Table segment_table(const std::vector<Operand>& ops) {
+  Table t;
+  for (const Operand& op : ops) {
+    if (op.scores.numel() == 0) continue;
+    t.segs.push_back(Segment{
+        op.scores.const_data_ptr(), op.mask.const_data_ptr(),
+        op.dst.defined() ? op.dst.mutable_data_ptr() : nullptr, op.scores.numel(), t.ntiles,
+        one_bits(op.mask.scalar_type()),
+        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask)});
+    t.ntiles += (op.scores.numel() + kTile - 1) / kTile;
+  }
+  TORCH_CHECK(
+      t.ntiles <= std::numeric_limits<int32_t>::max(),
+      "fastprune: too many elements for one select, got ", t.ntiles * kTile);
+  at::Tensor host = at::empty(
+      {static_cast<int64_t>(t.segs.size() * sizeof(Segment))},
+      at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  if (!t.segs.empty()) std::memcpy(host.mutable_data_ptr(), t.segs.data(), host.numel());
+  t.table = host.to(ops[0].scores.device(), /*non_blocking=*/true);
+  return t;
+}
+
+// Per-tile tie counts at `thr` (one block per tile) and their inclusive cumsum.
+template <typename score_t>
+std::pair<at::Tensor, at::Tensor> tile_ties(
+    const Table& table, typename KeyOf<score_t>::type thr, bool only_ones,
+    bool largest, const at::TensorOptions& options) {
+  at::Tensor ties = at::empty({table.ntiles}, options.dtype(at::kLong));
+  count_ties_kernel<score_t><<<static_cast<unsigned>(table.ntiles), kThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(
+      table.data(), table.size(), thr, only_ones, largest, ties.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {ties, ties.cumsum(0)};
+}
+
+// The write pass over `table` with tie window [lo, hi); `ties` from tile_ties
+// when the window may split the ties of a tile, else undefined.
+template <typename score_t>
+void write_masks(
+    const Table& table, typename KeyOf<score_t>::type thr, int64_t lo, int64_t hi,
+    const std::pair<at::Tensor, at::Tensor>& ties, bool only_ones, bool largest) {
+  if (table.ntiles == 0) return;
+  const bool ranked = ties.first.defined();
+  write_kernel<score_t><<<static_cast<unsigned>(table.ntiles), kThreads, 0,
+                          c10::cuda::getCurrentCUDAStream()>>>(
+      table.data(), table.size(), thr, lo, hi,
+      ranked ? ties.first.const_data_ptr<int64_t>() : nullptr,
+      ranked ? ties.second.const_data_ptr<int64_t>() : nullptr, only_ones, largest);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Number of histogram blocks for `ntiles` tiles: enough to fill the device,
+// and each block counts at most 2^31 elements (its shared 32-bit counts
+// cannot overflow).
+int64_t histogram_blocks(int64_t ntiles, const at::Device& device) {
+  constexpr int64_t kMaxTilesPerBlock = (int64_t{1} << 31) / kTile;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return std::max(
+      std::min<int64_t>(ntiles, int64_t{8} * sms),
+      (ntiles + kMaxTilesPerBlock - 1) / kMaxTilesPerBlock);
+}
+
+// hist (kRadixBins int64 on the device) := the histogram of digit d over the
+// candidates of `table` whose higher digits equal `prefix`.
+template <typename score_t>
+void histogram_into(
+    const Table& table, int d, typename KeyOf<score_t>::type prefix, bool only_ones,
+    bool largest, int64_t blocks, at::Tensor& hist) {
+  hist.zero_();
+  if (table.ntiles == 0) return;
+  histogram_kernel<score_t><<<static_cast<unsigned>(blocks), kThreads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      table.data(), table.size(), table.ntiles, d, prefix, only_ones, largest,
+      hist.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename score_t>
 class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
-  using Digits = Radix<key_t>;
-  // Each histogram block counts at most this many tiles (2^31 elements).
-  static constexpr int64_t kMaxTilesPerBlock = (int64_t{1} << 31) / kTile;
+  using Digits = Radix<key_t, kRadixBits>;
 
  public:
-  UnstructuredSelect(
-      const at::Tensor& table, int nsegs, int64_t ntiles, bool only_ones,
-      bool largest)
-      : segs_(static_cast<const Segment*>(table.const_data_ptr())),
-        nsegs_(nsegs), ntiles_(ntiles), only_ones_(only_ones), largest_(largest),
-        stream_(c10::cuda::getCurrentCUDAStream()),
-        hist_(at::empty({kRadixBins}, table.options().dtype(at::kLong))),
-        total_(at::zeros({kRadixBins}, at::kLong)) {
-    TORCH_CHECK(
-        ntiles <= std::numeric_limits<int32_t>::max(),
-        "fastprune: too many elements for one select, got ", ntiles * kTile);
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(
-        &sms, cudaDevAttrMultiProcessorCount, table.device().index()));
-    hist_blocks_ = std::max(
-        std::min<int64_t>(ntiles, int64_t{8} * sms),
-        (ntiles + kMaxTilesPerBlock - 1) / kMaxTilesPerBlock);
-  }
+  UnstructuredSelect(const Table& table, bool only_ones, bool largest)
+      : table_(table), only_ones_(only_ones), largest_(largest),
+        hist_blocks_(histogram_blocks(table.ntiles, table.table.device())),
+        hist_(at::empty({kRadixBins}, table.table.options().dtype(at::kLong))),
+        total_(at::zeros({kRadixBins}, at::kLong)) {}
 
   // Prunes k = count (or round(fraction * candidates) when count < 0).
   void run(int64_t count, double fraction) {
@@ -301,7 +356,7 @@ class UnstructuredSelect {
       const Bucket b = find_bucket(total, rank);
       rank -= b.below;
       prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == Digits::kPasses) {
+      if (d + 1 == Digits::kDigits) {
         write(prefix, rank, b.bin);
         return;
       }
@@ -312,42 +367,25 @@ class UnstructuredSelect {
   // Histogram of digit d over the candidates whose higher digits equal
   // `prefix`, into total_ on the host.
   void histogram(int d, key_t prefix) {
-    if (ntiles_ == 0) return;  // total_ stays all zero
-    hist_.zero_();
-    histogram_kernel<score_t><<<static_cast<unsigned>(hist_blocks_), kThreads, 0, stream_>>>(
-        segs_, nsegs_, ntiles_, d, prefix, only_ones_, largest_,
-        hist_.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (table_.ntiles == 0) return;  // total_ stays all zero
+    histogram_into<score_t>(table_, d, prefix, only_ones_, largest_, hist_blocks_, hist_);
     total_.copy_(hist_);  // the pass's one host sync
   }
 
   // Candidates with key < thr are pruned, and of those with key == thr (the
   // last histogram's `bin`) the first `need` in flat order.
   void write(key_t thr, int64_t need, uint32_t bin) {
-    if (ntiles_ == 0) return;
-    at::Tensor ties, ties_end;
+    std::pair<at::Tensor, at::Tensor> ties;
     if (need > 0 && need < total_.const_data_ptr<int64_t>()[bin]) {
-      ties = at::empty({ntiles_}, hist_.options());
-      count_ties_kernel<score_t><<<static_cast<unsigned>(ntiles_), kThreads, 0, stream_>>>(
-          segs_, nsegs_, thr, only_ones_, largest_, ties.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ties_end = ties.cumsum(0);
+      ties = tile_ties<score_t>(table_, thr, only_ones_, largest_, hist_.options());
     }
-    write_kernel<score_t><<<static_cast<unsigned>(ntiles_), kThreads, 0, stream_>>>(
-        segs_, nsegs_, thr, need,
-        ties.defined() ? ties.const_data_ptr<int64_t>() : nullptr,
-        ties_end.defined() ? ties_end.const_data_ptr<int64_t>() : nullptr,
-        only_ones_, largest_);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    write_masks<score_t>(table_, thr, 0, need, ties, only_ones_, largest_);
   }
 
-  const Segment* segs_;
-  int nsegs_;
-  int64_t ntiles_;
+  const Table& table_;
   bool only_ones_;
   bool largest_;
-  cudaStream_t stream_;
-  int64_t hist_blocks_ = 0;
+  int64_t hist_blocks_;
   at::Tensor hist_;   // device, kRadixBins
   at::Tensor total_;  // host copy of the last histogram
 };
@@ -367,31 +405,12 @@ std::vector<at::Tensor> select_masks(
     std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
     bool largest) {
   check_operands(ops, fraction);
-  std::vector<Segment> segs;
-  int64_t ntiles = 0;
-  for (const Operand& op : ops) {
-    if (op.scores.numel() == 0) continue;
-    segs.push_back(Segment{
-        op.scores.const_data_ptr(), op.mask.const_data_ptr(),
-        op.dst.mutable_data_ptr(), op.scores.numel(), ntiles,
-        one_bits(op.mask.scalar_type()),
-        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask)});
-    ntiles += (op.scores.numel() + kTile - 1) / kTile;
-  }
   if (!ops.empty()) {
-    const at::Device device = ops[0].scores.device();
-    c10::cuda::CUDAGuard guard(device);
-    // The segment table, copied from pinned memory without a host sync.
-    at::Tensor host = at::empty(
-        {static_cast<int64_t>(segs.size() * sizeof(Segment))},
-        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    if (!segs.empty()) std::memcpy(host.mutable_data_ptr(), segs.data(), host.numel());
-    const at::Tensor table = host.to(device, /*non_blocking=*/true);
+    c10::cuda::CUDAGuard guard(ops[0].scores.device());
+    const Table table = segment_table(ops);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
-          UnstructuredSelect<scalar_t>(
-              table, static_cast<int>(segs.size()), ntiles, only_ones, largest)
-              .run(count, fraction);
+          UnstructuredSelect<scalar_t>(table, only_ones, largest).run(count, fraction);
         });
   }
   return take_outputs(ops);
@@ -409,11 +428,87 @@ std::vector<at::Tensor> global_unstructured_masks_cuda(
   return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
 }
 
+// The separable passes (see csrc/ops.cpp), with the digits of kPassDigitBits.
+
+at::Tensor radix_histogram_cuda(
+    at::TensorList scores, at::TensorList masks, int64_t digit, int64_t prefix,
+    bool only_ones, bool largest) {
+  const std::vector<Operand> ops = make_pass_inputs("radix_histogram", scores, masks);
+  c10::cuda::CUDAGuard guard(ops[0].scores.device());
+  const Table table = segment_table(ops);
+  at::Tensor hist = at::empty({kRadixBins}, ops[0].scores.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "radix_histogram", [&] {
+        using key_t = typename KeyOf<scalar_t>::type;
+        using Digits = Radix<key_t, kPassDigitBits>;
+        check_pass_digit("radix_histogram", digit, Digits::kDigits);
+        const key_t pre = pass_key<key_t>("radix_histogram", prefix) & Digits::prefix_mask(digit);
+        histogram_into<scalar_t>(
+            table, static_cast<int>(digit), pre, only_ones, largest,
+            histogram_blocks(table.ntiles, hist.device()), hist);
+      });
+  return hist;
+}
+
+at::Tensor count_at_key_cuda(
+    at::TensorList scores, at::TensorList masks, int64_t key, bool only_ones, bool largest) {
+  const std::vector<Operand> ops = make_pass_inputs("count_at_key", scores, masks);
+  c10::cuda::CUDAGuard guard(ops[0].scores.device());
+  const Table table = segment_table(ops);
+  std::vector<int64_t> counts(ops.size(), 0);
+  if (table.ntiles > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "count_at_key", [&] {
+          using key_t = typename KeyOf<scalar_t>::type;
+          const auto ties = tile_ties<scalar_t>(
+              table, pass_key<key_t>("count_at_key", key), only_ones, largest,
+              ops[0].scores.options());
+          const at::Tensor ends = ties.second.cpu();  // one host sync
+          const int64_t* end = ends.const_data_ptr<int64_t>();
+          size_t s = 0;
+          for (size_t i = 0; i < ops.size(); ++i) {
+            if (ops[i].scores.numel() == 0) continue;
+            const Segment& seg = table.segs[s++];
+            const int64_t last = seg.first_tile + (seg.numel + kTile - 1) / kTile - 1;
+            counts[i] = end[last] - (seg.first_tile > 0 ? end[seg.first_tile - 1] : 0);
+          }
+        });
+  }
+  return at::tensor(counts, at::kLong).to(ops[0].scores.device());
+}
+
+std::vector<at::Tensor> masks_at_threshold_cuda(
+    at::TensorList scores, at::TensorList masks, int64_t key, int64_t skip,
+    int64_t take, bool only_ones, bool largest) {
+  check_tie_window("masks_at_threshold", skip, take);
+  std::vector<Operand> ops = make_operands(scores, masks);
+  check_operands(ops, 0.0);
+  if (!ops.empty()) {
+    c10::cuda::CUDAGuard guard(ops[0].scores.device());
+    const Table table = segment_table(ops);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "masks_at_threshold", [&] {
+          using key_t = typename KeyOf<scalar_t>::type;
+          const key_t thr = pass_key<key_t>("masks_at_threshold", key);
+          std::pair<at::Tensor, at::Tensor> ties;
+          if (take > 0 && table.ntiles > 0) {
+            ties = tile_ties<scalar_t>(table, thr, only_ones, largest, ops[0].scores.options());
+          }
+          write_masks<scalar_t>(
+              table, thr, skip, tie_window_end(skip, take), ties, only_ones, largest);
+        });
+  }
+  return take_outputs(ops);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("unstructured_mask", &unstructured_mask_cuda);
   m.impl("global_unstructured_masks", &global_unstructured_masks_cuda);
+  m.impl("radix_histogram", &radix_histogram_cuda);
+  m.impl("count_at_key", &count_at_key_cuda);
+  m.impl("masks_at_threshold", &masks_at_threshold_cuda);
 }
 
 }  // namespace fastprune

@@ -31,3 +31,29 @@ def _channel_norms_fake(t, dim, p):
 @torch.library.register_fake("fastprune::cached_empty_like")
 def _cached_empty_like_fake(t):
     return torch.empty_like(t)
+
+
+def _check_pass_inputs(op, scores, masks):
+    torch._check(len(scores) == len(masks), lambda: f"{op}: as many masks as scores")
+    torch._check(len(scores) > 0, lambda: f"{op}: expected at least one tensor")
+    for s, m in zip(scores, masks):
+        torch._check(s.shape == m.shape, lambda: f"{op}: scores and mask must have the same shape")
+        torch._check(s.is_floating_point(), lambda: f"{op}: scores must be a floating point tensor")
+
+
+@torch.library.register_fake("fastprune::radix_histogram")
+def _radix_histogram_fake(scores, masks, digit, prefix, only_ones, largest):
+    _check_pass_inputs("radix_histogram", scores, masks)
+    return scores[0].new_empty((2048,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastprune::count_at_key")
+def _count_at_key_fake(scores, masks, key, only_ones, largest):
+    _check_pass_inputs("count_at_key", scores, masks)
+    return scores[0].new_empty((len(scores),), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastprune::masks_at_threshold")
+def _masks_at_threshold_fake(scores, masks, key, skip, take, only_ones, largest):
+    torch._check(len(scores) == len(masks), lambda: "masks_at_threshold: as many masks as scores")
+    return [_unstructured_mask_fake(s, m, 0, 0.0, only_ones, largest) for s, m in zip(scores, masks)]

@@ -71,6 +71,92 @@ def global_unstructured_masks(
     return torch.ops.fastprune.global_unstructured_masks(scores, masks, count, fraction, only_ones, largest)
 
 
+PASS_DIGIT_BITS = 11
+"""Width of the digits :func:`radix_histogram` counts: 2048 bins per pass."""
+
+
+def pass_digits(dtype: torch.dtype) -> int:
+    """Number of :func:`radix_histogram` digits of the keys of ``dtype`` scores
+    (2 for float16/bfloat16, 3 for float32, 6 for float64)."""
+    return -(-torch.finfo(dtype).bits // PASS_DIGIT_BITS)
+
+
+def radix_histogram(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    digit: int,
+    prefix: int,
+    *,
+    only_ones: bool = False,
+    largest: bool = False,
+) -> torch.Tensor:
+    """One radix pass of the select, for combining across processes.
+
+    Keys are those :func:`unstructured_mask` ranks (the bits of ``|score|``
+    with NaN above inf, mirrored when ``largest``): non-negative ints below
+    2**63, of ``torch.finfo(dtype).bits`` bits, read as :data:`PASS_DIGIT_BITS`-bit
+    digits from the most significant (the last one narrower).
+
+    Args:
+        scores: floating-point tensors of one dtype and device.
+        masks: one per score tensor, same shape (any dtype; a broadcast
+            ``expand`` is read in place).
+        digit: which digit to count, in ``[0, pass_digits(dtype))``.
+        prefix: a key whose digits above ``digit`` fix the candidates counted
+            (its lower bits are ignored).
+        only_ones: candidates are the entries where the mask is 1.
+        largest: mirror the keys (rank the largest ``|scores|`` first).
+
+    Returns:
+        int64 tensor of ``2 ** PASS_DIGIT_BITS`` counts, on the scores' device.
+    """
+    return torch.ops.fastprune.radix_histogram(list(scores), list(masks), int(digit), int(prefix),
+                                               only_ones, largest)
+
+
+def count_at_key(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    key: int,
+    *,
+    only_ones: bool = False,
+    largest: bool = False,
+) -> torch.Tensor:
+    """Per tensor, the candidates whose key (see :func:`radix_histogram`) is ``key``.
+
+    Returns:
+        int64 tensor with one count per tensor, on the scores' device.
+    """
+    return torch.ops.fastprune.count_at_key(list(scores), list(masks), int(key), only_ones, largest)
+
+
+def masks_at_threshold(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    key: int,
+    *,
+    skip: int = 0,
+    take: int = 0,
+    only_ones: bool = False,
+    largest: bool = False,
+) -> List[torch.Tensor]:
+    """The write pass: new masks for a threshold key found by the passes.
+
+    Of the candidates, those with key below ``key`` are pruned; of those with
+    key equal to it, numbered from 0 in concatenation order (earlier tensor,
+    then lower row-major flat index), the ones numbered in ``[skip, skip +
+    take)`` are pruned too. Every other entry keeps its mask value.
+
+    Returns:
+        One new mask per tensor, as :func:`global_unstructured_masks` shapes it.
+    """
+    scores, masks = list(scores), list(masks)
+    if not scores and not masks:
+        return []
+    return torch.ops.fastprune.masks_at_threshold(scores, masks, int(key), int(skip), int(take),
+                                                  only_ones, largest)
+
+
 def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     """The ``p``-norm of every slice of ``t`` along ``dim``.
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import ops
+from . import dtensor, ops
 
 __all__ = [
     "BasePruningMethod",
@@ -248,7 +248,10 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if hasattr(module, name):
             delattr(module, name)
         orig = module._parameters[name + "_orig"]
-        orig.data = pruned.data
+        if dtensor.is_dtensor(orig):  # `.data =` does not reach a DTensor's local shard
+            dtensor.assign(orig, pruned)
+        else:
+            orig.data = pruned.data
         del module._parameters[name + "_orig"]
         del module._buffers[name + "_mask"]
         setattr(module, name, orig)
@@ -404,6 +407,8 @@ def _unpruned_mask(orig, scores):
     one where the result's layout (the scores') is ``ones_like(orig)``'s too.
     Anything else (a None parameter too) goes to ``torch.ones_like``, which
     fails on it as the reference does."""
+    if dtensor.is_dtensor(orig):
+        return dtensor.ones_like(orig)
     if (isinstance(orig, torch.Tensor) and isinstance(scores, torch.Tensor) and orig.numel() > 1
             and orig.is_contiguous() and scores.is_contiguous()):
         return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
@@ -464,7 +469,11 @@ def _magnitude_scores(t):
 
 
 def _select(scores, mask, **kwargs):
-    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device."""
+    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device (across
+    ranks for a DTensor)."""
+    if dtensor.is_dtensor(scores):
+        k = kwargs.pop("count")
+        return dtensor.select_masks([scores], [mask], lambda n: k, **kwargs)[0]
     if scores.device != mask.device:
         scores = scores.to(mask.device)
     if mask.is_complex():  # (a complex parameter) the kernel takes real masks
@@ -1074,6 +1083,29 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     Returns:
         None
     """
+    prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+    currents, scores, masks = prepared.currents, prepared.scores, prepared.masks
+    method, container = prepared.method, prepared.container
+    kind = _kernel_kind(method)
+    if kind is not None and not any(m.is_complex() for m in prepared.masks_or_ones):  # kernels take real masks
+        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
+    else:
+        own_masks = _global_reference_masks(container, currents, scores, masks)
+    _apply_global_masks(prepared.parameters, own_masks, masks)
+
+
+class _PreparedGlobal:
+    """The checked arguments of a global prune (see :func:`_prepare_global`)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow_empty=False):
+    """Check the arguments of :func:`global_unstructured` as the reference does
+    and gather what the masks need: each pair's current tensor, scores, and
+    mask (None when unpruned), the method and its one-member container.
+    ``allow_empty`` accepts no pairs (a rank of a distributed prune)."""
     if not isinstance(parameters, Iterable):
         raise TypeError("global_unstructured(): parameters is not an Iterable")
     if importance_scores is None:
@@ -1098,7 +1130,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
-    if not parameters:
+    if not parameters and not allow_empty:
         raise ValueError("torch.cat(): expected a non-empty list of Tensors")
 
     method = pruning_method(**kwargs)
@@ -1110,12 +1142,25 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     container = PruningContainer()
     container._tensor_name = "temp"
     container.add_pruning_method(method)
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores]) if scores else None
+    return _PreparedGlobal(parameters=parameters, currents=currents, scores=scores, masks=masks,
+                           masks_or_ones=masks_or_ones, method=method, container=container, dtype=dtype,
+                           device=scores[0].device if scores else None)
 
-    kind = _kernel_kind(method)
-    if kind is not None and not any(m.is_complex() for m in masks_or_ones):  # kernels take real masks
-        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
-    else:
-        own_masks = _global_reference_masks(container, currents, scores, masks)
+
+def _global_count(amount, n):
+    """k of a global prune with ``n`` candidates, validated as the reference does."""
+    k = _compute_nparams_toprune(amount, n)
+    _validate_pruning_amount(k, n)
+    _check_count(k)
+    return k
+
+
+def _apply_global_masks(parameters, own_masks, masks):
+    """Prune each pair with its mask through :func:`custom_from_mask`; all or
+    nothing: if one fails, every module is put back as it was.
+
+    ``masks`` holds each pair's mask before (None: it was unpruned)."""
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
@@ -1185,6 +1230,10 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     """
     scores, dtype = _promoted_scores(scores)
     olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
+    if kind == "l1" and any(dtensor.is_dtensor(s) for s in scores):
+        new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
+                                   lambda n: _global_count(amount, n), only_ones=True)
+        return [m.to(dtype) for m in new]
     if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
         new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,

@@ -145,48 +145,77 @@ TYPED_TEST(MagnitudeKeyTest, RandomPairsMatchAbsOrder) {
   }
 }
 
-TEST(KeyDigit, SplitsKeysIntoSixteenBitDigits) {
-  EXPECT_EQ(num_digits<uint16_t>(), 1);
-  EXPECT_EQ(num_digits<uint32_t>(), 2);
-  EXPECT_EQ(num_digits<uint64_t>(), 4);
-  EXPECT_EQ(key_digit<uint16_t>(0xBEEF, 0), 0xBEEFu);
-  EXPECT_EQ(key_digit<uint32_t>(0x12345678u, 0), 0x1234u);
-  EXPECT_EQ(key_digit<uint32_t>(0x12345678u, 1), 0x5678u);
-  const uint64_t k64 = 0x0123456789ABCDEFull;
-  EXPECT_EQ(key_digit<uint64_t>(k64, 0), 0x0123u);
-  EXPECT_EQ(key_digit<uint64_t>(k64, 1), 0x4567u);
-  EXPECT_EQ(key_digit<uint64_t>(k64, 2), 0x89ABu);
-  EXPECT_EQ(key_digit<uint64_t>(k64, 3), 0xCDEFu);
+template <typename key_t>
+using R16 = Radix<key_t, 16>;
+template <typename key_t>
+using R11 = Radix<key_t, kPassDigitBits>;
 
-  EXPECT_EQ(prefix_mask<uint16_t>(0), 0u);
-  EXPECT_EQ(prefix_mask<uint32_t>(0), 0u);
-  EXPECT_EQ(prefix_mask<uint32_t>(1), 0xFFFF0000u);
-  EXPECT_EQ(prefix_mask<uint64_t>(0), 0ull);
-  EXPECT_EQ(prefix_mask<uint64_t>(1), 0xFFFF000000000000ull);
-  EXPECT_EQ(prefix_mask<uint64_t>(2), 0xFFFFFFFF00000000ull);
-  EXPECT_EQ(prefix_mask<uint64_t>(3), 0xFFFFFFFFFFFF0000ull);
+TEST(KeyDigit, SplitsKeysIntoSixteenBitDigits) {
+  EXPECT_EQ(R16<uint16_t>::kDigits, 1);
+  EXPECT_EQ(R16<uint32_t>::kDigits, 2);
+  EXPECT_EQ(R16<uint64_t>::kDigits, 4);
+  EXPECT_EQ(R16<uint16_t>::digit(0xBEEF, 0), 0xBEEFu);
+  EXPECT_EQ(R16<uint32_t>::digit(0x12345678u, 0), 0x1234u);
+  EXPECT_EQ(R16<uint32_t>::digit(0x12345678u, 1), 0x5678u);
+  const uint64_t k64 = 0x0123456789ABCDEFull;
+  EXPECT_EQ(R16<uint64_t>::digit(k64, 0), 0x0123u);
+  EXPECT_EQ(R16<uint64_t>::digit(k64, 1), 0x4567u);
+  EXPECT_EQ(R16<uint64_t>::digit(k64, 2), 0x89ABu);
+  EXPECT_EQ(R16<uint64_t>::digit(k64, 3), 0xCDEFu);
+
+  EXPECT_EQ(R16<uint16_t>::prefix_mask(0), 0u);
+  EXPECT_EQ(R16<uint32_t>::prefix_mask(0), 0u);
+  EXPECT_EQ(R16<uint32_t>::prefix_mask(1), 0xFFFF0000u);
+  EXPECT_EQ(R16<uint64_t>::prefix_mask(0), 0ull);
+  EXPECT_EQ(R16<uint64_t>::prefix_mask(1), 0xFFFF000000000000ull);
+  EXPECT_EQ(R16<uint64_t>::prefix_mask(2), 0xFFFFFFFF00000000ull);
+  EXPECT_EQ(R16<uint64_t>::prefix_mask(3), 0xFFFFFFFFFFFF0000ull);
 }
 
-TEST(KeyDigit, DigitsRebuildTheKeyAndPrefixesCompareLeadingDigits) {
-  std::mt19937_64 rng(11);
+TEST(KeyDigit, ElevenBitDigitsEndWithANarrowerOne) {
+  EXPECT_EQ(R11<uint16_t>::kDigits, 2);
+  EXPECT_EQ(R11<uint32_t>::kDigits, 3);
+  EXPECT_EQ(R11<uint64_t>::kDigits, 6);
+  // 0xBEEF = 10111 01110 111 1 -> top 11 bits 0x5F7, last 5 bits 0x0F.
+  EXPECT_EQ(R11<uint16_t>::digit(0xBEEF, 0), 0xBEEFu >> 5);
+  EXPECT_EQ(R11<uint16_t>::digit(0xBEEF, 1), 0xBEEFu & 0x1F);
+  EXPECT_EQ(R11<uint32_t>::digit(0x12345678u, 2), 0x12345678u & 0x3FF);
+  EXPECT_EQ(R11<uint32_t>::prefix_mask(1), 0xFFE00000u);
+  EXPECT_EQ(R11<uint32_t>::prefix_mask(2), 0xFFFFFC00u);
+  EXPECT_EQ(R11<uint64_t>::prefix_mask(5), ~uint64_t{0} << 9);
+}
+
+template <typename key_t, int Bits>
+void expect_digits_rebuild_keys(std::mt19937_64& rng) {
+  using D = Radix<key_t, Bits>;
   for (int t = 0; t < 10000; ++t) {
-    const uint64_t a = rng();
+    const auto a = static_cast<key_t>(rng());
     // b shares a random number of leading digits with a.
-    const int shared = static_cast<int>(rng() % 5);
-    const uint64_t keep = shared == 0 ? 0 : ~uint64_t{0} << (64 - 16 * shared);
-    const uint64_t b = (a & keep) | (rng() & ~keep);
-    uint64_t rebuilt = 0;
-    for (int d = 0; d < 4; ++d) rebuilt = (rebuilt << 16) | key_digit(a, d);
+    const int shared = static_cast<int>(rng() % (D::kDigits + 1));
+    const key_t keep = D::prefix_mask(shared == D::kDigits ? 0 : shared) |
+        (shared == D::kDigits ? static_cast<key_t>(~key_t{0}) : key_t{0});
+    const auto b = static_cast<key_t>((a & keep) | (static_cast<key_t>(rng()) & ~keep));
+    key_t rebuilt = 0;
+    for (int d = 0; d < D::kDigits; ++d) rebuilt |= static_cast<key_t>(static_cast<key_t>(D::digit(a, d)) << D::shift(d));
     EXPECT_EQ(rebuilt, a);
-    for (int d = 0; d < 4; ++d) {
+    for (int d = 0; d < D::kDigits; ++d) {
       bool leading_equal = true;
-      for (int e = 0; e < d; ++e) leading_equal &= key_digit(a, e) == key_digit(b, e);
-      EXPECT_EQ((a & prefix_mask<uint64_t>(d)) == (b & prefix_mask<uint64_t>(d)), leading_equal);
+      for (int e = 0; e < d; ++e) leading_equal &= D::digit(a, e) == D::digit(b, e);
+      EXPECT_EQ((a & D::prefix_mask(d)) == (b & D::prefix_mask(d)), leading_equal);
     }
   }
 }
 
+TEST(KeyDigit, DigitsRebuildTheKeyAndPrefixesCompareLeadingDigits) {
+  std::mt19937_64 rng(11);
+  expect_digits_rebuild_keys<uint64_t, 16>(rng);
+  expect_digits_rebuild_keys<uint64_t, kPassDigitBits>(rng);
+  expect_digits_rebuild_keys<uint32_t, kPassDigitBits>(rng);
+  expect_digits_rebuild_keys<uint16_t, kPassDigitBits>(rng);
+}
+
 TEST(FindBucket, FindsTheBinOfTheRankThKey) {
+  constexpr int64_t kBins = R16<uint32_t>::kBins;
   std::vector<int64_t> hist(kBins, 0);
   hist[3] = 2;
   hist[7] = 5;

@@ -1,0 +1,432 @@
+"""Exact global pruning of tensors spread over processes (torch.distributed).
+
+How a sharded global L1 prune works, top to bottom:
+
+1. :func:`global_unstructured` (rank-partitioned plain tensors) or the DTensor
+   adapter (:mod:`fastprune.dtensor`) describes each rank's tensors as
+   :class:`Piece` s: local scores and mask, and where the local entries sit in
+   the one ranking every rank agrees on (the concatenation, in order, of the
+   full tensors).
+2. :meth:`Comm.agree` gathers a small signature of the call from every rank
+   (method, amount, dtype, tensor counts, and any local error) so that a
+   mismatch raises the same clear error on every rank before anything changes.
+3. :func:`select` runs the radix passes of :func:`fastprune.ops.radix_histogram`
+   on the local pieces, sums each 2048-bin histogram across ranks, and so every
+   rank finds the same threshold key and the same count of ties to prune.
+4. The ties at the threshold are split in the single-process order: pieces
+   that are a contiguous run of the ranking exchange one tie count each;
+   others (a shard along a later dimension) rank their ties' global positions
+   with a few more summed histograms. Each rank then writes its own masks.
+
+Only histograms, counts and a few ints travel; no rank ever holds another
+rank's entries. See docs/distributed.md for the design.
+"""
+import dataclasses
+import math
+import numbers
+import struct
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+
+__all__ = ["global_unstructured", "traffic", "reset_traffic"]
+
+_INT64_MAX = 2 ** 63 - 1
+_BINS = 2 ** ops.PASS_DIGIT_BITS
+
+_TRAFFIC = {"collectives": 0, "bytes": 0}
+
+
+def traffic() -> dict:
+    """What this process has sent through fastprune's collectives so far.
+
+    Returns:
+        dict with ``collectives`` (calls made) and ``bytes`` (payload bytes this
+        rank contributed: a histogram all-reduce counts its 16 KiB once per
+        process group it is summed over).
+    """
+    return dict(_TRAFFIC)
+
+
+def reset_traffic():
+    """Set the :func:`traffic` counters to zero."""
+    _TRAFFIC.update(collectives=0, bytes=0)
+
+
+class DistributedPruningError(RuntimeError):
+    """The ranks disagree about a call, or one of them failed before pruning."""
+
+
+class Comm:
+    """The ranks taking part in one prune: a chain of process groups whose
+    product is all of them (one group, or the groups of a device mesh's
+    dimensions); sums and gathers run over each in turn.
+
+    Args:
+        groups: the process groups (None: the default group).
+        device: where collective buffers live (the CPU for gloo).
+    """
+
+    def __init__(self, groups, device):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "fastprune.distributed: no initialized process group on this rank; call "
+                "torch.distributed.init_process_group (or build the DeviceMesh) first")
+        self.groups = [g or dist.group.WORLD for g in groups]
+        self.device = torch.device(device)
+
+    def sum_(self, t):
+        """Sum ``t`` in place across all ranks."""
+        for g in self.groups:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
+            _TRAFFIC["collectives"] += 1
+            _TRAFFIC["bytes"] += t.numel() * t.element_size()
+        return t
+
+    def gather_objects(self, obj):
+        """Every rank's ``obj``, as one flat list (same order on every rank)."""
+        items = [obj]
+        for g in reversed(self.groups):
+            out = [None] * dist.get_world_size(g)
+            dist.all_gather_object(out, items, group=g)
+            _TRAFFIC["collectives"] += 1
+            items = [x for part in out for x in part]
+        return items
+
+    def agree(self, signature, error):
+        """Check that every rank made the same call.
+
+        Args:
+            signature: a tuple every rank must share (a picklable value).
+            error: the exception this rank hit while preparing, or None.
+
+        Returns:
+            the signatures of every rank, in gather order.
+
+        Raises:
+            the local ``error`` itself; or DistributedPruningError naming the
+            first failing rank or the first mismatch, on every rank.
+        """
+        rank = dist.get_rank()
+        entries = self.gather_objects((rank, signature, None if error is None else repr(error)))
+        if error is not None:
+            raise error
+        for other, sig, err in entries:
+            if err is not None:
+                raise DistributedPruningError(
+                    f"fastprune.distributed: rank {other} failed, so no rank pruned: {err}")
+        for other, sig, _ in entries:
+            if sig != entries[0][1]:
+                raise DistributedPruningError(
+                    "fastprune.distributed: the ranks made different calls "
+                    f"(rank {entries[0][0]}: {_describe(entries[0][1])}; rank {other}: {_describe(sig)})")
+        return entries
+
+
+def _describe(sig):
+    return ", ".join(f"{k}={v}" for k, v in sig)
+
+
+@dataclasses.dataclass
+class Piece:
+    """One rank's part of one ranked tensor.
+
+    Attributes:
+        scores: the local scores (a kernel dtype), any shape.
+        mask: the local current mask, same shape (a broadcast one is fine).
+        start: the ranking position of the full tensor's first entry.
+        shape: the full tensor's shape.
+        offset: the global index of the local block's first entry, per dim
+            (the local block is ``scores.shape`` from there).
+        owner: whether this rank counts the piece (False for a replica that
+            another rank counts).
+    """
+
+    scores: torch.Tensor
+    mask: torch.Tensor
+    start: int
+    shape: tuple
+    offset: tuple
+    owner: bool = True
+
+    def run_start(self):
+        """The ranking position of the local flat index 0 when the local block
+        is one contiguous run of the full tensor's row-major order, else None."""
+        local = tuple(self.scores.shape)
+        partial = [d for d in range(len(local)) if local[d] != self.shape[d]]
+        if partial and (math.prod(self.shape[:partial[0]]) > 1 or partial[1:]):
+            return None  # rows of a block cut along a later dim, or cut along two dims
+        return self.start + self._flat(self.offset)
+
+    def _flat(self, index):
+        pos, stride = 0, 1
+        for i, n in zip(reversed(index), reversed(self.shape)):
+            pos += i * stride
+            stride *= n
+        return pos
+
+    def positions(self, flat=None):
+        """Ranking positions of the local entries at local flat indices
+        ``flat`` (int64), or of every local entry (in local row-major order)."""
+        local = tuple(self.scores.shape)
+        if flat is None:
+            pos = torch.full(local, self.start, dtype=torch.int64)
+            stride = 1
+            for d in reversed(range(len(local))):
+                view = [1] * len(local)
+                view[d] = -1
+                pos += ((self.offset[d] + torch.arange(local[d])) * stride).view(view)
+                stride *= self.shape[d]
+            return pos.reshape(-1)
+        pos = torch.full_like(flat, self.start)
+        rest, stride = flat.clone(), 1
+        for d in reversed(range(len(local))):
+            pos += (self.offset[d] + rest % local[d]) * stride
+            rest //= local[d]
+            stride *= self.shape[d]
+        return pos
+
+
+def select(pieces: Sequence[Piece], comm: Comm, count_of, *, only_ones=False, largest=False,
+           dtype=None, total=None) -> List[torch.Tensor]:
+    """The exact global select over every rank's pieces: new local masks.
+
+    Args:
+        pieces: this rank's pieces, in ranking order.
+        comm: the ranks.
+        count_of: maps the global number of candidates n to k, the number to
+            prune (it validates the amount and raises as the single-process
+            API does; it runs on every rank with the same n).
+        only_ones: candidates are the entries whose mask is 1.
+        largest: prune the largest ``|scores|`` instead.
+        dtype: the scores' dtype (needed when this rank has no pieces).
+        total: the ranking's length (needed for ties in non-run pieces).
+
+    Returns:
+        One new mask per piece (the mask's dtype), identical to the
+        single-process select over the concatenated full tensors.
+    """
+    scores = [p.scores for p in pieces]
+    masks = [p.mask for p in pieces]
+    counted = [i for i, p in enumerate(pieces) if p.owner]
+    dtype = scores[0].dtype if scores else dtype
+    bits = torch.finfo(dtype).bits
+
+    def histogram(d, prefix):
+        if counted:
+            h = ops.radix_histogram([scores[i] for i in counted], [masks[i] for i in counted], d, prefix,
+                                    only_ones=only_ones, largest=largest).to(comm.device)
+        else:
+            h = torch.zeros(_BINS, dtype=torch.int64, device=comm.device)
+        return comm.sum_(h)
+
+    hist = histogram(0, 0)
+    k = count_of(int(hist.sum()))
+    if k == 0:
+        return _write(scores, masks, 0, 0, only_ones, largest)
+    rank, key = k, 0
+    for d in range(ops.pass_digits(dtype)):
+        if d > 0:
+            hist = histogram(d, key)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device)))
+        rank -= int(cum[b] - hist[b])
+        key |= b << max(0, bits - ops.PASS_DIGIT_BITS * (d + 1))
+    ties = int(hist[b])
+    if rank == ties:  # every tie goes: no order needed
+        return _write(scores, masks, key, _INT64_MAX, only_ones, largest)
+    return _split_ties(pieces, comm, key, rank, only_ones, largest, total)
+
+
+def _write(scores, masks, key, take, only_ones, largest):
+    return ops.masks_at_threshold(scores, masks, key, take=take, only_ones=only_ones, largest=largest)
+
+
+def _split_ties(pieces, comm, key, need, only_ones, largest, total):
+    """Masks that prune every candidate below ``key`` and the first ``need``
+    candidates equal to it in ranking order."""
+    scores = [p.scores for p in pieces]
+    masks = [p.mask for p in pieces]
+    local = ops.count_at_key(scores, masks, key, only_ones=only_ones, largest=largest).tolist() if pieces else []
+    mine = [(p.run_start(), n) for p, n in zip(pieces, local)]
+    everyone = comm.gather_objects([(s, n) for (s, n), p in zip(mine, pieces) if p.owner and n > 0])
+    flat = [x for part in everyone for x in part]
+    if all(s is not None for s, _ in flat) and all(s is not None for s, n in mine if n > 0):
+        # Runs: the ties before a run are those of the runs that start earlier.
+        take = 0
+        for s, n in mine:
+            if n > 0:
+                before = sum(m for t, m in flat if t < s)
+                take += min(max(need - before, 0), n)
+        return _write(scores, masks, key, take, only_ones, largest)
+    return _split_ties_by_position(pieces, comm, key, need, only_ones, largest, total)
+
+
+def _split_ties_by_position(pieces, comm, key, need, only_ones, largest, total):
+    """The tie split for pieces that are not runs (shards along a later dim):
+    a radix select over the ties' ranking positions, 2048 bins a round."""
+    below = _write([p.scores for p in pieces], [p.mask for p in pieces], key, 0, only_ones, largest)
+    tie_index, tie_pos = [], []
+    for p in pieces:
+        ones = torch.ones((), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
+        keep_ties, drop_ties = (ops.masks_at_threshold([p.scores], [ones], key, take=t, largest=largest)[0]
+                                for t in (0, _INT64_MAX))
+        tie = keep_ties != drop_ties
+        if only_ones:
+            tie &= p.mask == 1
+        idx = tie.reshape(-1).nonzero().reshape(-1).cpu()
+        tie_index.append(idx)
+        tie_pos.append(p.positions(idx))
+    counted = torch.cat([pos for pos, p in zip(tie_pos, pieces) if p.owner] or [torch.zeros(0, dtype=torch.int64)])
+    lo, hi, rank = 0, total, need
+    while hi - lo > 1:
+        width = -(-(hi - lo) // _BINS)
+        inside = counted[(counted >= lo) & (counted < hi)]
+        hist = torch.bincount((inside - lo) // width, minlength=_BINS).to(comm.device)
+        comm.sum_(hist)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device)))
+        rank -= int(cum[b] - hist[b])
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width)
+    for m, idx, pos in zip(below, tie_index, tie_pos):
+        cut = idx[pos <= lo]
+        if cut.numel():
+            m[torch.unravel_index(cut.to(m.device), m.shape)] = 0
+    return below
+
+
+# The rank-partitioned API
+
+
+def _signature_of_amount(amount):
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        return ("other", repr(amount))
+    if isinstance(amount, numbers.Integral):
+        return ("int", int(amount))
+    return ("float", struct.pack("<d", float(amount)).hex())
+
+
+def uniform_draws(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """Random draws in [0, 1) (float64, 53 random bits) keyed by ranking
+    position: splitmix64 of ``seed + position * golden``, so a rank draws
+    the numbers of its own entries without drawing anyone else's, and the
+    draws of an entry do not depend on how many ranks there are."""
+    def shr(z, s):  # logical shift of int64 bits
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    def wrap(c):
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    z = positions.to(torch.int64) * wrap(0x9E3779B97F4A7C15) + wrap(seed % (1 << 64))
+    z = (z ^ shr(z, 30)) * wrap(0xBF58476D1CE4E5B9)
+    z = (z ^ shr(z, 27)) * wrap(0x94D049BB133111EB)
+    z = z ^ shr(z, 31)
+    return shr(z, 11).to(torch.float64) * 2.0 ** -53
+
+
+def draw_seed():
+    """This rank's candidate seed for a random prune: one draw from the
+    default CPU generator (every rank draws, so generators stay in step)."""
+    return int(torch.randint(0, 2 ** 62, (1,)))
+
+
+def global_unstructured(parameters, pruning_method, importance_scores=None, group=None, **kwargs):
+    """``fastprune.prune.global_unstructured`` over the tensors of all ranks.
+
+    Each rank passes its own ``(module, name)`` pairs (any number, none
+    included); they are ranked as if every rank's list were concatenated in
+    rank order of ``group``. Every rank ends up with exactly the masks the
+    single-process ``global_unstructured`` gives its tensors on that
+    concatenation (L1). Must be called by every rank of ``group``.
+
+    ``RandomUnstructured`` prunes exactly k candidates: those with the k
+    largest draws of :func:`uniform_draws`, keyed by ranking position, with
+    the seed drawn from the default CPU generator of the group's first rank
+    (every rank draws one, so generators stay in step); the result depends on
+    that seed, not on how the tensors are split over ranks.
+
+    Args:
+        parameters (Iterable[tuple[nn.Module, str]]): this rank's pairs.
+        pruning_method (type): ``L1Unstructured`` or ``RandomUnstructured``
+            (of either library).
+        importance_scores (dict, optional): maps pairs to scores.
+        group (ProcessGroup, optional): the ranks; default: the world.
+        **kwargs: arguments of ``pruning_method``, e.g. ``amount``.
+
+    Raises:
+        DistributedPruningError: on every rank, when the ranks' calls differ
+            (method, amount, dtype) or some rank failed before pruning.
+    """
+    from . import prune
+
+    comm = Comm([group], "cpu")
+    seed = draw_seed()
+    prepared, error = None, None
+    try:
+        prepared = prune._prepare_global(parameters, importance_scores, pruning_method, kwargs,
+                                         allow_empty=True)
+        kind = prune._kernel_kind(prepared.method)
+        if kind is None:
+            raise NotImplementedError(
+                "fastprune.distributed.global_unstructured: only L1Unstructured and "
+                f"RandomUnstructured, got {pruning_method}")
+        comm.device = prepared.device or torch.device("cpu")
+        if comm.device.type == "cuda" and dist.get_backend(comm.groups[0]) == "gloo":
+            comm.device = torch.device("cpu")
+        numels = [c.numel() for c in prepared.currents]
+        signature = (("method", pruning_method.__name__), ("amount", _signature_of_amount(kwargs.get("amount"))),
+                     ("dtype", str(prepared.dtype) if prepared.currents else None))
+    except Exception as e:  # reported to every rank by agree()
+        error, signature, numels = e, None, []
+    entries = comm.gather_objects((dist.get_rank(group), signature, None if error is None else repr(error),
+                                   numels, seed))
+    _check_partition(entries, error)
+    me = dist.get_rank(group)
+    entries.sort(key=lambda e: e[0])
+    start = sum(sum(e[3]) for e in entries if e[0] < me)
+    total = sum(sum(e[3]) for e in entries)
+    if total == 0 and not any(e[3] for e in entries):
+        raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+    pieces = []
+    for c, s, m in zip(prepared.currents, prepared.scores, prepared.masks):
+        old = prune._unpruned_mask(c, s) if m is None else m.detach()
+        pieces.append(Piece(s.detach().to(prepared.dtype), old, start, (c.numel(),), (0,), True))
+        start += c.numel()
+    for p in pieces:
+        p.scores = p.scores.reshape(-1)
+        p.mask = p.mask.reshape(-1) if not ops_broadcast(p.mask) else torch.ones(
+            (), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
+    amount = kwargs.get("amount")
+    if kind == "l1":
+        for p in pieces:
+            p.scores = prune._magnitude_scores(p.scores)
+    else:
+        seed = entries[0][4]
+        for p in pieces:
+            p.scores = uniform_draws(seed, p.positions()).to(p.mask.device)
+    new = select(pieces, comm, lambda n: prune._global_count(amount, n), only_ones=True,
+                 largest=kind == "random", dtype=prepared.dtype if kind == "l1" else torch.float64,
+                 total=total)
+    own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
+    prune._apply_global_masks(prepared.parameters, own, prepared.masks)
+
+
+def ops_broadcast(t):
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def _check_partition(entries, error):
+    if error is not None:
+        raise error
+    for rank, _, err, _, _ in entries:
+        if err is not None:
+            raise DistributedPruningError(f"fastprune.distributed: rank {rank} failed, so no rank pruned: {err}")
+    sigs = [(rank, sig) for rank, sig, _, numels, _ in entries if numels]
+    for rank, sig in sigs:
+        if sig != sigs[0][1]:
+            raise DistributedPruningError(
+                "fastprune.distributed: the ranks made different calls "
+                f"(rank {sigs[0][0]}: {_describe(sigs[0][1])}; rank {rank}: {_describe(sig)})")
