@@ -63,9 +63,14 @@ assert fastprune.__file__.startswith(sys.argv[1]), f"imported {fastprune.__file_
 info = fastprune.build_info()
 print("build_info:", info)
 assert info["cuda_built"] and info["cuda_kernels"], info
-for op in ("unstructured_mask", "global_unstructured_masks", "channel_norms"):
-    for key in ("CPU", "CUDA"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprune::{op}", key), (op, key)
+# Every op with a CPU kernel has a CUDA one, except the CPU block cache's.
+ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastprune::")]
+device_ops = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+              and op != "fastprune::cached_empty_like"]
+assert len(device_ops) >= 6, device_ops
+for op in device_ops:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), (op, "CUDA")
+print("cuda_check: CPU and CUDA kernels for", ", ".join(sorted(device_ops)))
 # The CPU kernels of this build work too.
 out = fastprune.ops.unstructured_mask(torch.tensor([3.0, -1.0, 2.0, 0.5]), torch.ones(4), count=2)
 assert out.tolist() == [1.0, 0.0, 1.0, 0.0], out
