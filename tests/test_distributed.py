@@ -327,6 +327,10 @@ def _dtensor_error_checks(rank, world, D):
     with pytest.raises(ValueError, match="different device meshes"):
         FAST.global_unstructured([(b, "weight") for b in mixed], FAST.L1Unstructured, amount=0.5)
     _untouched(mixed)
+    with pytest.raises(ValueError, match="DTensor and plain parameters"):
+        FAST.global_unstructured([(mine[0], "weight"), (nn.Linear(2, 2), "weight")], FAST.L1Unstructured,
+                                 amount=0.5)
+    _untouched(mine)
     # Different calls on different ranks: DistributedPruningError on every rank, no hang.
     for prune_it in (lambda: FAST.ln_structured(mine[0], "weight", 0.5 if rank else 0.25, 2, 0),
                      lambda: FAST.ln_structured(mine[0], "weight", 0.5, 1 if rank else 2, 0),

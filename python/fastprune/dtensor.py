@@ -68,6 +68,8 @@ def _layout(t):
     rank counts it (of the replicas, the one at coordinate 0 of every
     ``Replicate`` mesh dimension)."""
     mesh = t.device_mesh
+    if any(p.is_partial() for p in t.placements):
+        raise NotImplementedError(f"fastprune: DTensors with Partial placements cannot be pruned, got {t.placements}")
     _, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
     coord = mesh.get_coordinate()
     owner = all(coord[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate))
@@ -259,14 +261,14 @@ def agree(t, call, error=None):
     comm.agree(tuple((k, describe(v)) for k, v in call), error)
 
 
-def mesh_of_pairs(parameters):
-    """The mesh of the DTensors among ``(module, name)`` pairs, or None if
-    there are none; ValueError (on every rank: the pairs are the same) for
-    DTensors on several meshes or DTensors mixed with plain tensors."""
-    tensors = [getattr(module, name, None) for module, name in parameters]
+def first_of_one_mesh(tensors):
+    """The first DTensor of ``tensors``, or None if there are none;
+    ValueError (on every rank: the tensors are the same) for DTensors on
+    several meshes or DTensors mixed with plain tensors."""
     found = [t for t in tensors if is_dtensor(t)]
     if not found:
         return None
     if len(found) != len(tensors):
         raise ValueError("fastprune: global_unstructured cannot rank DTensor and plain parameters together")
-    return _mesh_of(found)
+    _mesh_of(found)
+    return found[0]

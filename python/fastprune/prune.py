@@ -1131,14 +1131,14 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
 def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
     """:func:`_prepare_global`; with DTensor parameters, also the check that
     every rank of their mesh made the same call (its errors included)."""
-    mesh_tensor = None
+    tensors = []
     if isinstance(parameters, Iterable):
         parameters = list(parameters)
         try:
-            if dtensor.mesh_of_pairs(parameters) is not None:
-                mesh_tensor = next(getattr(m, n) for m, n in parameters)
-        except (TypeError, AttributeError):
-            pass  # malformed pairs: _prepare_global raises the reference's error
+            tensors = [getattr(module, name, None) for module, name in parameters]
+        except Exception:  # malformed pairs: _prepare_global raises the reference's error
+            tensors = []
+    mesh_tensor = dtensor.first_of_one_mesh(tensors)
     if mesh_tensor is None:
         return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
     prepared, error, call = None, None, []
