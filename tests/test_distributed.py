@@ -318,9 +318,18 @@ def _dtensor_error_checks(rank, world, D):
         with pytest.raises(ValueError, match="must be a DTensor"):
             prune_it()
         _untouched(mine)
+    # Scores with other placements, or on another mesh: redistribute first.
+    from torch.distributed.tensor import distribute_tensor
+    w = mine[0].weight.full_tensor().detach()
+    with pytest.raises(ValueError, match="the parameter's mesh and placements"):
+        FAST.ln_structured(mine[0], "weight", 0.5, 2, 0, importance_scores=distribute_tensor(w, mesh, [Shard(1)]))
+    _untouched(mine)
     # DTensors on different meshes cannot be ranked together.
     other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
     assert other != mesh
+    with pytest.raises(ValueError, match="the parameter's mesh and placements"):
+        FAST.l1_unstructured(mine[0], "weight", 0.5, importance_scores=distribute_tensor(w, other, [Shard(0)]))
+    _untouched(mine)
     mixed = model(torch.float32)
     _sharded(mixed[:2], mesh, [Shard(0)])
     _sharded(mixed[2:], other, [Shard(0)])
