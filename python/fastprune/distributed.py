@@ -80,8 +80,12 @@ class Comm:
 
     def sum_(self, t):
         """Sum ``t`` in place across all ranks."""
+        return self.reduce_(t, dist.ReduceOp.SUM)
+
+    def reduce_(self, t, op):
+        """Reduce ``t`` in place across all ranks with ``op`` (a ``ReduceOp``)."""
         for g in self.groups:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
+            dist.all_reduce(t, op=op, group=g)
             _TRAFFIC["collectives"] += 1
             _TRAFFIC["bytes"] += t.numel() * t.element_size()
         return t

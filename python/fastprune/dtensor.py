@@ -7,12 +7,24 @@ the ranks that hold a replica, the one at coordinate 0 of every ``Replicate``
 mesh dimension), the exact cross-rank select of :mod:`fastprune.distributed`
 runs over the mesh's process groups, and the local masks come back as
 DTensors with the parameter's mesh and placements. No full tensor is built.
+
+Structured methods reduce one float64 per channel across the mesh (partial
+norms of the local blocks, combined with SUM/MAX/MIN) and every rank selects
+the same channels from the same full vector. Random methods agree on rank 0's
+draws (see docs/distributed.md, "Random draws"). Every prune that runs
+collectives first checks, with one ``all_gather_object``, that all ranks made
+the same call (:func:`agree`), so a mismatch raises everywhere instead of
+hanging.
 """
+import math
+import numbers
+
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from . import distributed
+from . import distributed, ops
 
 
 def is_dtensor(t):
@@ -51,26 +63,60 @@ def _comm(mesh, device):
     return distributed.Comm(groups, "cpu" if device.type == "cpu" else device)
 
 
+def _layout(t):
+    """The global offset of ``t``'s local block (per dim) and whether this
+    rank counts it (of the replicas, the one at coordinate 0 of every
+    ``Replicate`` mesh dimension)."""
+    mesh = t.device_mesh
+    if any(p.is_partial() for p in t.placements):
+        raise NotImplementedError(f"fastprune: DTensors with Partial placements cannot be pruned, got {t.placements}")
+    _, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+    coord = mesh.get_coordinate()
+    owner = all(coord[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate))
+    return tuple(offset), owner
+
+
+def check_like(t, param, what):
+    """Raise ValueError unless ``t`` is a DTensor on ``param``'s mesh with its
+    placements (or neither is a DTensor).
+
+    Plain full-size tensors are refused rather than sliced or scattered: which
+    rank's copy would count is ambiguous, and a ``distribute_tensor`` would
+    hide a collective in a call that may have none."""
+    if not (is_dtensor(t) or is_dtensor(param)):
+        return
+    if not (is_dtensor(t) and is_dtensor(param)):
+        raise ValueError(
+            f"fastprune: {what} of a DTensor parameter must be a DTensor with its mesh and placements "
+            "(e.g. distribute_tensor(x, param.device_mesh, param.placements)), and those of a plain "
+            f"parameter a plain tensor; got {type(t).__name__} for a {type(param).__name__}")
+    if t.device_mesh != param.device_mesh or tuple(t.placements) != tuple(param.placements):
+        raise ValueError(
+            f"fastprune: {what} must have the parameter's mesh and placements, got {t.device_mesh} "
+            f"{t.placements} for {param.device_mesh} {param.placements} (redistribute it first)")
+
+
 def _piece(scores, mask, start):
     if not is_dtensor(scores) or (is_dtensor(mask) and mask.placements != scores.placements):
         raise ValueError("fastprune: scores and masks of a DTensor must be DTensors with its placements")
-    mesh = scores.device_mesh
-    _, offset = compute_local_shape_and_global_offset(scores.shape, mesh, scores.placements)
-    coord = mesh.get_coordinate()
-    owner = all(coord[d] == 0 for d, p in enumerate(scores.placements) if isinstance(p, Replicate))
+    offset, owner = _layout(scores)
     local = scores.to_local().detach()
     local_mask = mask.to_local().detach() if is_dtensor(mask) else torch.ones(
         (), dtype=mask.dtype, device=local.device).expand(local.shape)
     return distributed.Piece(local, local_mask, start, tuple(scores.shape), tuple(offset), owner)
 
 
-def select_masks(scores, masks, count_of, *, only_ones=False, largest=False):
+def select_masks(scores, masks, count_of, *, only_ones=False, largest=False, random=False):
     """The exact select over DTensors ranked as one concatenation.
 
     Args:
         scores: DTensors of one dtype on one mesh.
         masks: their current masks (DTensors alike, or a broadcast one).
         count_of: maps the global number of candidates to k (validating it).
+        random: rank :func:`fastprune.distributed.uniform_draws` instead of
+            ``scores`` (which then only give the layout), keyed by ranking
+            position with rank 0's seed: the draws of an entry do not depend
+            on how the tensors are sharded.
 
     Returns:
         One DTensor mask per tensor (the mask's dtype, the scores' placements).
@@ -81,5 +127,148 @@ def select_masks(scores, masks, count_of, *, only_ones=False, largest=False):
         pieces.append(_piece(s, m, start))
         start += s.numel()
     comm = _comm(mesh, pieces[0].scores.device)
+    if random:
+        seed = int(_from_first(mesh, comm, torch.tensor([distributed.draw_seed()]))[0])
+        for p in pieces:
+            p.scores = distributed.uniform_draws(seed, p.positions()).view(p.scores.shape).to(p.mask.device)
     new = distributed.select(pieces, comm, count_of, only_ones=only_ones, largest=largest, total=start)
     return [_like(m, s) for m, s in zip(new, scores)]
+
+
+def _from_first(mesh, comm, x):
+    """The value ``x`` has on the mesh's first rank (coordinate 0 everywhere),
+    on every rank: a sum to which the other ranks add zeros."""
+    first = all(c == 0 for c in mesh.get_coordinate())
+    x = x.to(comm.device).clone() if first else torch.zeros_like(x, device=comm.device)
+    return comm.sum_(x).cpu()
+
+
+def shared_draws(t, draws):
+    """Rank 0's ``draws`` (a small CPU tensor every rank drew the same way),
+    on every rank of ``t``'s mesh: random structured pruning then equals the
+    single-process result under rank 0's generator, even if the ranks' seeds
+    differ."""
+    return _from_first(t.device_mesh, _comm(t.device_mesh, t.to_local().device), draws)
+
+
+# Per-channel reductions: a full-length float64 vector per rank (the identity
+# outside its block), reduced across the mesh; the bits of |x| >= 0 order as
+# int64, so MAX/MIN run on them and NaN (above inf) wins MAX; for MIN it is
+# mapped to -1 first.
+_IDENTITY = {"sum": 0.0, "max": 0.0, "min": math.inf}
+
+
+def _channel_reduce(t, dim, partial, kind):
+    offset, owner = _layout(t)
+    comm = _comm(t.device_mesh, t.to_local().device)
+    full = torch.full((t.shape[dim],), _IDENTITY[kind], dtype=torch.float64, device=comm.device)
+    if owner and partial.numel():
+        full[offset[dim]:offset[dim] + partial.numel()] = partial.to(comm.device)
+    if kind == "sum":
+        return comm.sum_(full).cpu()
+    bits = full.view(torch.int64).clone()
+    if kind == "min":
+        bits[full.isnan()] = -1
+    comm.reduce_(bits, dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.MIN)
+    return bits.cpu().view(torch.float64)  # -1 is a NaN
+
+
+def _local_channel_values(local, dim, p, kind_identity):
+    if local.numel() == 0:
+        return torch.full((local.shape[dim],), kind_identity, dtype=torch.float64)
+    return ops.channel_norms(local, dim, p)
+
+
+def channel_norms(t, n, dim):
+    """The L``n`` norm of every channel of the DTensor ``t`` along ``dim``
+    (a plain float64 tensor, the same on every rank), as the single-process
+    kernel computes it: local partial sums of ``|x|^p`` (counts for p = 0,
+    max/min for +-inf) combined across the mesh, then the root. Equal to the
+    unsharded norms up to the order of the float64 additions."""
+    p = 2 if isinstance(n, str) and n == "fro" and t.dim() == 2 else n
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise NotImplementedError(
+            f"fastprune: ln_structured of a DTensor takes a real n ('fro' on 2-D tensors), got {n!r}")
+    p, dim = float(p), dim % t.dim()
+    local = t.to_local().detach()
+    if local.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        local = local.abs().to(torch.float64)
+    if p in (math.inf, -math.inf):
+        kind = "max" if p > 0 else "min"
+        return _channel_reduce(t, dim, _local_channel_values(local, dim, p, _IDENTITY[kind]), kind)
+    if p == 0 or p == 1:
+        return _channel_reduce(t, dim, _local_channel_values(local, dim, p, 0.0), "sum")
+    # The kernel's terms: x*x in float64 for p = 2, else |x|^p in float
+    # (double for float64), summed in float64 by the p = 1 kernel.
+    if p == 2:
+        terms = local.to(torch.float64).square()
+    elif local.dtype == torch.float64:
+        terms = local.abs().pow(p)
+    else:
+        terms = local.float().abs().pow(p)
+    sums = _channel_reduce(t, dim, _local_channel_values(terms, dim, 1.0, 0.0), "sum")
+    return sums.sqrt() if p == 2 else sums.pow(1.0 / p)
+
+
+def live_channels(mask, dim):
+    """Which channels of the DTensor ``mask`` along ``dim`` hold a non-zero
+    entry somewhere on the mesh (bool, the same on every rank)."""
+    dim %= mask.dim()
+    local = mask.to_local().detach()
+    if not local.is_floating_point():
+        local = local.to(torch.float64)
+    return _channel_reduce(mask, dim, _local_channel_values(local, dim, 0.0, 0.0), "sum") != 0
+
+
+def channel_mask(t, dim, keep, mask):
+    """``mask`` (a DTensor, cast to ``t``'s dtype) times ``keep[channel]``
+    along ``dim``: each rank multiplies its block by its own channels' part."""
+    dim %= mask.dim()
+    offset, _ = _layout(mask)
+    local = mask.to_local().detach().to(t.dtype)
+    shape = [1] * local.dim()
+    shape[dim] = -1
+    part = keep[offset[dim]:offset[dim] + local.shape[dim]]
+    return _like(local * part.to(device=local.device, dtype=t.dtype).view(shape), mask)
+
+
+def describe(v):
+    """A picklable, comparable summary of a call argument for :func:`agree`."""
+    if is_dtensor(v):
+        return ("DTensor", tuple(v.shape), str(v.dtype), str(tuple(v.placements)), str(v.device_mesh))
+    if isinstance(v, torch.Tensor):
+        return ("Tensor", tuple(v.shape), str(v.dtype))
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return distributed._signature_of_amount(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(describe(x) for x in v)
+    return repr(v)
+
+
+def agree(t, call, error=None):
+    """Check that every rank of ``t``'s mesh made the same call.
+
+    Args:
+        t: a DTensor of the call (gives the mesh).
+        call: ``(name, value)`` pairs describing the call (see :func:`describe`).
+        error: the exception this rank hit while preparing, or None.
+
+    Raises:
+        ``error`` on its rank and DistributedPruningError on the others; or
+        DistributedPruningError on every rank when the calls differ.
+    """
+    comm = _comm(t.device_mesh, t.to_local().device)
+    comm.agree(tuple((k, describe(v)) for k, v in call), error)
+
+
+def first_of_one_mesh(tensors):
+    """The first DTensor of ``tensors``, or None if there are none;
+    ValueError (on every rank: the tensors are the same) for DTensors on
+    several meshes or DTensors mixed with plain tensors."""
+    found = [t for t in tensors if is_dtensor(t)]
+    if not found:
+        return None
+    if len(found) != len(tensors):
+        raise ValueError("fastprune: global_unstructured cannot rank DTensor and plain parameters together")
+    _mesh_of(found)
+    return found[0]

@@ -160,6 +160,14 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         hooks = module._forward_pre_hooks
         found = [key for key, hook in hooks.items()
                  if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
+        current = module.__dict__.get(name, module._parameters.get(name))
+        if dtensor.is_dtensor(current) and cls not in (Identity, CustomFromMask):
+            # Methods that run collectives: every rank must make the same call.
+            chain = [type(hook).__name__ for key in found for hook in
+                     getattr(hooks[key], "_pruning_methods", (hooks[key],))]
+            dtensor.agree(current, [("method", cls.__name__), ("args", args), *sorted(kwargs.items()),
+                                    ("importance_scores", importance_scores), ("tensor", current),
+                                    ("hooks", chain)])
         if len(found) > 1:
             raise AssertionError(
                 f"Avoid adding multiple pruning hooks to the same tensor {name} "
@@ -185,6 +193,8 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
                 raise AssertionError(
                     f"importance_scores should have the same shape as parameter {name} "
                     f"of {module}, got {importance_scores.shape} vs {orig.shape}")
+            else:
+                dtensor.check_like(importance_scores, orig, "importance_scores")
 
             if isinstance(method, _AnyContainer):
                 current = getattr(module, name + "_mask").detach()
@@ -548,6 +558,15 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         if kind in ("l1", "random"):
             # Among the entries still at 1: the global select over one tensor.
             return _kernel_masks(kind, method.amount, [t], [t], [mask])[0]
+        if dtensor.is_dtensor(t) and kind != "structured":
+            # No boolean indexing of DTensors: a method that ignores the
+            # region (Identity) or covers it all ("global") runs on the whole.
+            if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
+                return method.compute_mask(t, default_mask=mask).to(dtype=t.dtype)
+            raise NotImplementedError(
+                f"fastprune: {type(method).__name__} in a PruningContainer is not supported for DTensor "
+                "parameters (supported: fastprune's own L1/Random Unstructured, Ln/Random Structured, "
+                "Identity, CustomFromMask)")
 
         new_mask = mask.to(dtype=t.dtype)
         pruning_type = method.PRUNING_TYPE
@@ -587,6 +606,8 @@ def _live_channels(mask, dim):
     ``dim=[]`` gives: a 0-dim result), a dim out of range or not an int take
     the reference's expression, so that they fail or index as there.
     """
+    if dtensor.is_dtensor(mask) and isinstance(dim, int) and 0 <= dim < mask.dim():
+        return dtensor.live_channels(mask, dim)
     if not (isinstance(dim, int) and 0 <= dim < mask.dim() and mask.dim() > 1):
         return mask.sum(dim=[d for d in range(mask.dim()) if d != dim]) != 0
     if dim > 0:
@@ -667,6 +688,9 @@ class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
         _validate_pruning_amount(k, n)
         if k == 0:
             return default_mask.clone()
+        if dtensor.is_dtensor(t):  # keyed draws, rank 0's seed (docs/distributed.md)
+            _check_count(k)
+            return dtensor.select_masks([t], [default_mask], lambda n: k, largest=True, random=True)[0]
         draws = torch.rand_like(t, memory_format=torch.contiguous_format)
         _check_draws(draws, k)
         return _select(draws, default_mask, count=k, largest=True)
@@ -742,6 +766,8 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
 def _channel_mask(t, dim, keep, default_mask):
     """Mask of ``t``'s dtype and format: ``default_mask`` times ``keep[channel]``
     along ``dim`` (``keep``: one 0/1 per channel), written in one pass."""
+    if dtensor.is_dtensor(default_mask):
+        return dtensor.channel_mask(t, dim, keep, default_mask)
     shape = [1] * t.dim()
     shape[dim] = -1
     keep = keep.to(device=t.device, dtype=t.dtype).view(shape)
@@ -781,6 +807,8 @@ def _structured_keep(method, t, live=None):
         if k == 0:
             return None
         draws = torch.rand(channels)  # CPU default generator, as the reference
+        if dtensor.is_dtensor(t):
+            draws = dtensor.shared_draws(t, draws)  # rank 0's, on every rank
         keep = draws > torch.kthvalue(draws, k=k).values
     if live is None:
         return keep
@@ -794,6 +822,8 @@ def _channel_norms(t, n, dim):
     (and ``'fro'`` on 2-D tensors, the 2-norm there), else the reference's
     :func:`_compute_norm` (its errors included). The kernel accumulates in
     float64, so norms equal up to rounding may rank differently than torch's."""
+    if dtensor.is_dtensor(t):
+        return dtensor.channel_norms(t, n, dim)
     p = 2 if isinstance(n, str) and n == "fro" and t.dim() == 2 else n
     if (isinstance(p, numbers.Real) and not isinstance(p, bool)
             and t.dtype in _KERNEL_SCORE_DTYPES and t.numel() > 0):
@@ -808,6 +838,8 @@ def _structured_on_live(method, t, mask, dim, live):
     new = mask.to(dtype=t.dtype)
     if keep is None:
         return new
+    if dtensor.is_dtensor(new):
+        return dtensor.channel_mask(t, dim, keep, new)
     shape = [1] * t.dim()
     shape[dim] = -1
     return new * keep.view(shape)
@@ -946,6 +978,7 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
             raise AssertionError(
                 f"default_mask shape {default_mask.shape} must match "
                 f"self.mask shape {self.mask.shape}")
+        dtensor.check_like(self.mask, default_mask, "the mask")
         if (id(self.mask) in _ADOPTABLE_MASKS and self.mask.dtype == default_mask.dtype
                 and _is_broadcast_one(default_mask)):
             return self.mask  # ones times the mask: the mask itself, not a copy
@@ -972,6 +1005,7 @@ _ORIGINAL_COMPUTE_MASK = {
                       (L1Unstructured, _torch_prune.L1Unstructured),
                       (RandomUnstructured, _torch_prune.RandomUnstructured),
                       (CustomFromMask, _torch_prune.CustomFromMask),
+                      (Identity, _torch_prune.Identity),
                       (LnStructured, _torch_prune.LnStructured),
                       (RandomStructured, _torch_prune.RandomStructured))
 }
@@ -1083,7 +1117,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     Returns:
         None
     """
-    prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+    prepared = _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs)
     currents, scores, masks = prepared.currents, prepared.scores, prepared.masks
     method, container = prepared.method, prepared.container
     kind = _kernel_kind(method)
@@ -1092,6 +1126,31 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     else:
         own_masks = _global_reference_masks(container, currents, scores, masks)
     _apply_global_masks(prepared.parameters, own_masks, masks)
+
+
+def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
+    """:func:`_prepare_global`; with DTensor parameters, also the check that
+    every rank of their mesh made the same call (its errors included)."""
+    tensors = []
+    if isinstance(parameters, Iterable):
+        parameters = list(parameters)
+        try:
+            tensors = [getattr(module, name, None) for module, name in parameters]
+        except Exception:  # malformed pairs: _prepare_global raises the reference's error
+            tensors = []
+    mesh_tensor = dtensor.first_of_one_mesh(tensors)
+    if mesh_tensor is None:
+        return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+    prepared, error, call = None, None, []
+    try:
+        prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+        call = [("method", getattr(pruning_method, "__name__", pruning_method)), *sorted(kwargs.items()),
+                ("parameters", prepared.currents), ("importance_scores", prepared.scores),
+                ("pruned", [m is not None for m in prepared.masks])]
+    except Exception as e:  # reported to every rank by agree()
+        error = e
+    dtensor.agree(mesh_tensor, call, error)
+    return prepared
 
 
 class _PreparedGlobal:
@@ -1128,6 +1187,7 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
             raise IndexError(
                 f"global_unstructured(): importance_scores for parameter {name} of {module} "
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
+        dtensor.check_like(score, current, "importance_scores")
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
     if not parameters and not allow_empty:
@@ -1230,9 +1290,10 @@ def _kernel_masks(kind, amount, currents, scores, masks):
     """
     scores, dtype = _promoted_scores(scores)
     olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
-    if kind == "l1" and any(dtensor.is_dtensor(s) for s in scores):
+    if any(dtensor.is_dtensor(s) for s in scores):
         new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _global_count(amount, n), only_ones=True)
+                                   lambda n: _global_count(amount, n), only_ones=True,
+                                   largest=kind == "random", random=kind == "random")
         return [m.to(dtype) for m in new]
     if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
