@@ -73,36 +73,14 @@ class UnstructuredSelect {
         chunks_(numel_ < (int64_t{1} << 15) ? 1 : at::get_num_threads()),
         hist_(chunks_ * kBins), total_(kBins), candidates_(chunks_) {}
 
-  // Prunes k = count (or round(fraction * candidates) when count < 0).
+  // Prunes k = count (or round(fraction * candidates) when count < 0), by
+  // the first of three strategies that applies: a direct select on small
+  // inputs; one pass bracketed by a sample; the exact radix passes.
   void run(int64_t count, double fraction) {
     if (numel_ <= kSmall) {
       run_small(count, fraction);
-      return;
-    }
-    if (run_sampled(count, fraction)) return;
-    histogram(0, 0);
-    int64_t n = 0;
-    for (int64_t c : candidates_) n += c;
-    const int64_t k = prune_count(count, fraction, n);
-    if (k == 0) {
-      write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
-      return;
-    }
-    int64_t rank = k;  // the k-th smallest key is the threshold
-    key_t prefix = 0;
-    for (int d = 0;; ++d) {
-      if (d > 0) histogram(d, prefix);
-      const Bucket b = find_bucket(total_.data(), rank);
-      rank -= b.below;
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == kDigits) {
-        write(prefix, rank, b.bin);
-        return;
-      }
-      if (d == 0 && total_[b.bin] <= std::max<int64_t>(numel_ / 32, kBins)) {
-        write_and_collect(b.bin, rank);
-        return;
-      }
+    } else if (!run_sampled(count, fraction)) {
+      run_exact(count, fraction);
     }
   }
 
@@ -230,6 +208,37 @@ class UnstructuredSelect {
     if (need < 0 || need > static_cast<int64_t>(pool.size())) return false;
     prune_smallest(pool, need);
     return true;
+  }
+
+  // Exact by construction: a histogram pass per 16-bit digit narrows the
+  // threshold key down, then one pass writes the mask (for 32- and 64-bit
+  // keys usually right after the first digit, collecting that digit's
+  // threshold bucket, whose k - below smallest are pruned after).
+  void run_exact(int64_t count, double fraction) {
+    histogram(0, 0);
+    int64_t n = 0;
+    for (int64_t c : candidates_) n += c;
+    const int64_t k = prune_count(count, fraction, n);
+    if (k == 0) {
+      write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
+      return;
+    }
+    int64_t rank = k;  // the k-th smallest key is the threshold
+    key_t prefix = 0;
+    for (int d = 0;; ++d) {
+      if (d > 0) histogram(d, prefix);
+      const Bucket b = find_bucket(total_.data(), rank);
+      rank -= b.below;
+      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
+      if (d + 1 == kDigits) {
+        write(prefix, rank, b.bin);
+        return;
+      }
+      if (d == 0 && total_[b.bin] <= std::max<int64_t>(numel_ / 32, kBins)) {
+        write_and_collect(b.bin, rank);
+        return;
+      }
+    }
   }
 
   // Keys of the candidates among s entries evenly spaced over the concatenation.
