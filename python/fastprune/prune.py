@@ -188,7 +188,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
 
             if isinstance(method, _AnyContainer):
                 current = getattr(module, name + "_mask").detach()
-                if _container_kernel_kind(method, importance_scores, current) is None:
+                if _container_path(method, importance_scores, current) is None:
                     current = current.clone()
                 default_mask = current
             else:
@@ -369,14 +369,13 @@ def _is_plain(method, classes):
             and "compute_mask" not in getattr(method, "__dict__", ()))
 
 
-def _kernel_kind(method):
-    """``"l1"`` or ``"random"`` for our own, unpatched L1/RandomUnstructured, else None."""
-    if not _is_plain(method, (L1Unstructured, RandomUnstructured)):
-        return None
-    return "l1" if type(method) is L1Unstructured else "random"
+def _kernel_path(method):
+    """The kernel path (entry of ``_KERNEL_PATHS``) of our own, unpatched ``method``, else None."""
+    path = _KERNEL_PATHS.get(type(method))
+    return path if path is not None and _is_plain(method, (type(method),)) else None
 
 
-def _container_kernel_kind(container, t, mask):
+def _container_path(container, t, mask):
     """The kernel path ``container.compute_mask(t, mask)`` takes, or None.
 
     A kernel path never writes into ``mask``, so ``apply`` need not clone it.
@@ -387,16 +386,63 @@ def _container_kernel_kind(container, t, mask):
             or not container._pruning_methods
             or t.shape != mask.shape or t.device != mask.device):
         return None
-    method = container._pruning_methods[-1]
-    # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
-    # leading dim: the method then prunes a (1, n) (or (0, n)) view instead of
-    # failing; the generic path does the same.
-    if (_is_plain(method, (LnStructured, RandomStructured)) and t.device.type != "meta"
-            and t.dim() > 1):
-        return "structured"
-    if mask.is_complex():  # the unstructured kernels take real masks
-        return None
-    return _kernel_kind(method)
+    path = _kernel_path(container._pruning_methods[-1])
+    return path if path is not None and path.accepts(t, mask) else None
+
+
+class _KernelPath:
+    """How the kernels serve one of our method classes: its entry of ``_KERNEL_PATHS``."""
+
+    # A first prune may pass a stride-0 view of a single one as the default
+    # mask (the kernel reads it in place, see _unpruned_mask).
+    first_ones = True
+
+    def accepts(self, t, mask):
+        """Whether the path serves a container step on ``t`` with ``mask``."""
+        return True
+
+    def step(self, method, t, mask):
+        """The container's step: ``mask`` with ``method`` applied where the
+        earlier members left it unpruned, in ``t``'s dtype; never written into."""
+        raise NotImplementedError
+
+    def global_masks(self, method, currents, scores, masks):
+        """The masks of ``global_unstructured`` (see :func:`_magnitude_masks`)."""
+        raise NotImplementedError
+
+
+class _UnstructuredPath(_KernelPath):
+    """L1/RandomUnstructured: one select among the entries still at 1 of one
+    tensor (a container's step) or several (global pruning)."""
+
+    def __init__(self, masks):
+        self.masks = masks  # masks(amount, currents, scores, masks), see _magnitude_masks
+
+    def accepts(self, t, mask):
+        return not mask.is_complex()  # the unstructured kernels take real masks
+
+    def step(self, method, t, mask):
+        return self.masks(method.amount, [t], [t], [mask])[0]
+
+    def global_masks(self, method, currents, scores, masks):
+        return self.masks(method.amount, currents, scores, masks)
+
+
+class _StructuredPath(_KernelPath):
+    """Ln/RandomStructured in a container: the channels not yet all zero are
+    ranked without gathering ``t`` or the mask."""
+
+    first_ones = False
+
+    def accepts(self, t, mask):
+        # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
+        # leading dim: the method then prunes a (1, n) (or (0, n)) view instead
+        # of failing; the generic path does the same.
+        return t.device.type != "meta" and t.dim() > 1
+
+    def step(self, method, t, mask):
+        dim = _structured_dim(method, t)
+        return _structured_on_live(method, t, mask, dim, _live_channels(mask, dim))
 
 
 def _unpruned_mask(orig, scores):
@@ -447,7 +493,8 @@ def _first_mask(method, orig, scores):
     """
     if type(method) is CustomFromMask and _unpatched(CustomFromMask):
         return _unpruned_mask(orig, method.mask)
-    if _kernel_kind(method) is not None:
+    path = _kernel_path(method)
+    if path is not None and path.first_ones:
         return _unpruned_mask(orig, scores)
     return torch.ones_like(orig)
 
@@ -535,29 +582,18 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         Returns:
             torch.Tensor: the new mask, with the dtype of ``t``.
         """
-        kind = _container_kernel_kind(self, t, mask)
-        if kind in ("l1", "random"):
-            # Among the entries still at 1: the global select over one tensor.
-            return _kernel_masks(kind, method.amount, [t], [t], [mask])[0]
+        path = _container_path(self, t, mask)
+        if path is not None:
+            return path.step(method, t, mask)
 
         new_mask = mask.to(dtype=t.dtype)
         pruning_type = method.PRUNING_TYPE
         if pruning_type == "unstructured":
             region = mask == 1
         elif pruning_type == "structured":
-            if not hasattr(method, "dim"):
-                raise AttributeError(
-                    'Pruning methods of PRUNING_TYPE "structured" need to have the '
-                    "attribute `dim` defined.")
-            ndim = t.dim()
-            dim = method.dim + ndim if method.dim < 0 else method.dim
-            if dim < 0:
-                raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
-            live = _live_channels(mask, dim)
-            if kind == "structured":
-                return _structured_on_live(method, t, mask, dim, live)
-            region = [slice(None)] * ndim
-            region[dim] = live
+            dim = _structured_dim(method, t)
+            region = [slice(None)] * t.dim()
+            region[dim] = _live_channels(mask, dim)
             region = tuple(region)
         elif pruning_type == "global":
             region = (slice(None),) * t.dim()
@@ -566,6 +602,19 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         partial = method.compute_mask(t[region], default_mask=mask[region])
         new_mask[region] = partial.to(dtype=new_mask.dtype)
         return new_mask
+
+
+def _structured_dim(method, t):
+    """The container's channel dim of a structured member, made non-negative."""
+    if not hasattr(method, "dim"):
+        raise AttributeError(
+            'Pruning methods of PRUNING_TYPE "structured" need to have the '
+            "attribute `dim` defined.")
+    ndim = t.dim()
+    dim = method.dim + ndim if method.dim < 0 else method.dim
+    if dim < 0:
+        raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
+    return dim
 
 
 def _live_channels(mask, dim):
@@ -1108,9 +1157,9 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     container._tensor_name = "temp"
     container.add_pruning_method(method)
 
-    kind = _kernel_kind(method)
-    if kind is not None and not any(m.is_complex() for m in masks_or_ones):  # kernels take real masks
-        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
+    path = _kernel_path(method)
+    if path is not None and all(path.accepts(s, m) for s, m in zip(scores, masks_or_ones)):
+        own_masks = path.global_masks(method, currents, scores, masks)
     else:
         own_masks = _global_reference_masks(container, currents, scores, masks)
     names = {}
@@ -1149,41 +1198,58 @@ def _promoted_scores(scores):
     return [s.detach().to(dtype) for s in scores], dtype
 
 
-def _kernel_masks(kind, amount, currents, scores, masks):
-    """L1/random masks of one or several tensors ranked together (global
-    pruning, and a container's unstructured step), without concatenating or
-    gathering anything; one new mask per tensor, in the scores' promoted dtype.
-
-    ``masks`` holds each tensor's current mask, or None for an unpruned one.
-    Candidates are the entries still at 1 (all entries of unpruned tensors,
-    read through a stride-0 view of a single one). On the meta device an
-    integer amount cannot be checked against the candidates, and random draws
-    nothing. L1 ranks ``|score|`` across
-    all parameters with one multi-tensor select; random draws one number per
-    candidate in concatenation order, exactly as the reference, and prunes the
-    k largest draws.
-    """
+def _kernel_operands(currents, scores, masks):
+    """The scores in their promoted dtype, that dtype, and each tensor's
+    current mask (a stride-0 view of a single one for an unpruned one)."""
     scores, dtype = _promoted_scores(scores)
     olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
-    if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
+    return scores, dtype, olds
+
+
+def _candidate_count(amount, currents, masks):
+    """k, the candidates n (None on the meta device, where they are unknown
+    and an integer amount cannot be checked) and each tensor's candidates."""
+    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
+    if any(n is None for n in counts):
+        return amount, None, counts
+    n = sum(counts)
+    k = _compute_nparams_toprune(amount, n)
+    _validate_pruning_amount(k, n)
+    return k, n, counts
+
+
+def _magnitude_masks(amount, currents, scores, masks):
+    """L1 masks of one or several tensors ranked together (global pruning, and
+    a container's unstructured step), without concatenating or gathering
+    anything; one new mask per tensor, in the scores' promoted dtype.
+
+    ``masks`` holds each tensor's current mask, or None for an unpruned one.
+    Candidates are the entries still at 1; ``|score|`` is ranked across all
+    parameters with one multi-tensor select.
+    """
+    scores, dtype, olds = _kernel_operands(currents, scores, masks)
+    if isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
         new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
                                             fraction=amount, only_ones=True)
         return [m.to(dtype) for m in new]
-    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
-    unknown = any(n is None for n in counts)  # meta tensors
-    n = None if unknown else sum(counts)
-    k = amount if unknown else _compute_nparams_toprune(amount, n)
-    if not unknown:
-        _validate_pruning_amount(k, n)
-    if kind == "l1" or unknown:
-        _check_count(k)  # random: after the draws below, where the reference's topk fails
-    if kind == "l1":
-        new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
-                                            count=k, only_ones=True)
-        return [m.to(dtype) for m in new]
+    k, _, _ = _candidate_count(amount, currents, masks)
+    _check_count(k)
+    new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
+                                        count=k, only_ones=True)
+    return [m.to(dtype) for m in new]
+
+
+def _random_masks(amount, currents, scores, masks):
+    """Random masks, as :func:`_magnitude_masks` takes its arguments: one draw
+    per candidate in concatenation order, exactly as the reference, then the
+    k largest draws are pruned. On the meta device nothing is drawn."""
+    scores, dtype, olds = _kernel_operands(currents, scores, masks)
+    k, n, counts = _candidate_count(amount, currents, masks)
+    if n is None:
+        _check_count(k)  # else after the draws below, where the reference's topk fails
     new = [m.to(dtype, copy=True) for m in olds]
-    if unknown or k == 0:
+    if n is None or k == 0:
         return new
     draws = torch.rand(n, dtype=dtype, device=scores[0].device)
     _check_draws(draws, k)
@@ -1202,6 +1268,17 @@ def _kernel_masks(kind, amount, currents, scores, masks):
         mask[old == 1] = kept[start:start + count]
         start += count
     return new
+
+
+# The kernel path of each of our methods, by exact class; a subclass, or a
+# method whose compute_mask was replaced (see _is_plain), takes the generic
+# path of the reference's algorithm.
+_KERNEL_PATHS = {
+    L1Unstructured: _UnstructuredPath(_magnitude_masks),
+    RandomUnstructured: _UnstructuredPath(_random_masks),
+    LnStructured: _StructuredPath(),
+    RandomStructured: _StructuredPath(),
+}
 
 
 def _global_reference_masks(container, currents, scores, masks):
