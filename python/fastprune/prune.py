@@ -44,6 +44,8 @@ __all__ = [
     "RandomStructured",
     "LnStructured",
     "CustomFromMask",
+    "L1SemiStructured",
+    "ChannelwiseL1Unstructured",
     "identity",
     "random_unstructured",
     "l1_unstructured",
@@ -51,6 +53,8 @@ __all__ = [
     "ln_structured",
     "global_unstructured",
     "custom_from_mask",
+    "l1_semi_structured",
+    "channelwise_l1_unstructured",
     "remove",
     "is_pruned",
 ]
@@ -408,7 +412,10 @@ class _KernelPath:
 
     def global_masks(self, method, currents, scores, masks):
         """The masks of ``global_unstructured`` (see :func:`_magnitude_masks`)."""
-        raise NotImplementedError
+        raise TypeError(
+            f"global_unstructured(): {type(method).__name__} prunes inside each tensor "
+            "(per group or per slice) and cannot rank several tensors together; "
+            "prune each parameter on its own")
 
 
 class _UnstructuredPath(_KernelPath):
@@ -443,6 +450,16 @@ class _StructuredPath(_KernelPath):
     def step(self, method, t, mask):
         dim = _structured_dim(method, t)
         return _structured_on_live(method, t, mask, dim, _live_channels(mask, dim))
+
+
+class _SegmentedPath(_KernelPath):
+    """L1SemiStructured / ChannelwiseL1Unstructured: their ``compute_mask``
+    reads the old mask in place and prunes only its live entries, so a
+    container hands it the whole tensor (gathering the live entries into 1-D
+    would lose the groups and slices). Never global."""
+
+    def step(self, method, t, mask):
+        return method.compute_mask(t, mask).to(dtype=t.dtype)
 
 
 def _unpruned_mask(orig, scores):
@@ -1003,6 +1020,174 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
         return super().apply(module, name, mask=mask)
 
 
+class L1SemiStructured(BasePruningMethod):
+    """N:M semi-structured pruning: in every group of ``m`` consecutive entries
+    along ``dim`` (groups aligned at index 0), at most ``n`` stay nonzero.
+
+    Of each group's live entries (mask still 1) those with the smallest
+    absolute value are pruned, ties to the lower index, until ``n`` are left.
+    Entries an earlier prune zeroed count among the pruned of their group: a
+    group with at most ``n`` live entries loses nothing more. 2:4 along the
+    last dim (``n=2, m=4, dim=-1``) is the pattern that
+    ``torch.sparse.to_sparse_semi_structured`` and sparse tensor cores run.
+    Not a torch method: no ``torch.nn.utils.prune`` twin, and not accepted by
+    ``global_unstructured``.
+
+    Args:
+        n (int): entries that may stay in each group, ``0 <= n < m``. Default: 2.
+        m (int): entries per group, ``m >= 1``. Default: 4.
+        dim (int): the dimension the groups run along; its size must be a
+            multiple of ``m``. Default: -1.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, n=2, m=4, dim=-1):
+        _validate_int("n", n)
+        _validate_int("m", m)
+        _validate_int("dim", dim)
+        if not 0 <= n < m:
+            raise ValueError(f"n={n}, m={m}: N:M pruning needs integers 0 <= n < m")
+        self.n, self.m, self.dim = n, m, dim
+
+    def compute_mask(self, t, default_mask):
+        """Zero, in every group of ``default_mask``, its live entries with the
+        smallest ``|t|`` until at most ``n`` are left.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes; only its
+                entries at 1 are live.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        _validate_pruning_dim(t, self.dim)
+        size = t.shape[self.dim]
+        if size % self.m:
+            raise ValueError(
+                f"L1SemiStructured: the size of dim {self.dim} ({size}) must be a multiple "
+                f"of m={self.m}, got a tensor of shape {tuple(t.shape)}")
+        return _segmented_select(t, default_mask, dim=self.dim, group=self.m, count=self.n, keep=True)
+
+    @classmethod
+    def apply(cls, module, name, n=2, m=4, dim=-1, importance_scores=None):
+        """Prune ``module.<name>`` to at most ``n`` of every ``m`` along ``dim``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            n (int): entries that may stay in each group.
+            m (int): entries per group.
+            dim (int): the dimension the groups run along.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        _check_not_in_reference_container(cls, module, name)
+        return super().apply(module, name, n=n, m=m, dim=dim, importance_scores=importance_scores)
+
+
+class ChannelwiseL1Unstructured(BasePruningMethod):
+    """Per-channel exact-k magnitude pruning (Wanda's per-output-row rule):
+    every slice along ``dim`` loses the same share of its live entries.
+
+    Each slice ``t.select(dim, i)`` (an output row of a Linear weight for
+    ``dim=0``) loses exactly ``round(amount * its live entries)`` (ties to
+    even; an int amount: that many in every slice) of its live entries (mask
+    still 1) with the smallest absolute value, ties to the lower index. As
+    with :class:`L1Unstructured`, amounts are relative to what is still
+    unpruned, here per slice. Not a torch method: no ``torch.nn.utils.prune``
+    twin, and not accepted by ``global_unstructured``.
+
+    Args:
+        amount (int or float): entries to prune in every slice: a count, or a
+            fraction in [0, 1] of its live entries.
+        dim (int): the dimension that indexes the slices. Default: 0.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, dim=0):
+        _validate_pruning_amount_init(amount)
+        _validate_int("dim", dim)
+        self.amount = amount
+        self.dim = dim
+
+    def compute_mask(self, t, default_mask):
+        """Zero, in every slice of ``default_mask`` along ``dim``, its k live
+        entries with the smallest ``|t|``.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes; only its
+                entries at 1 are live.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        _validate_pruning_dim(t, self.dim)
+        channels = t.shape[self.dim]
+        if not isinstance(self.amount, numbers.Integral):
+            return _segmented_select(t, default_mask, dim=self.dim, fraction=float(self.amount))
+        _validate_pruning_amount(self.amount, t.numel() // channels if channels else 0)
+        _check_count(self.amount)
+        return _segmented_select(t, default_mask, dim=self.dim, count=self.amount)
+
+    @classmethod
+    def apply(cls, module, name, amount, dim=0, importance_scores=None):
+        """Prune the smallest-magnitude entries of every slice of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of each slice's live entries.
+            dim (int): the dimension that indexes the slices.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        _check_not_in_reference_container(cls, module, name)
+        return super().apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
+
+
+def _validate_int(name, value):
+    """Reject a non-integer (or bool) ``value`` of argument ``name`` with a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid type for {name}: {value!r}. Must be int.")
+
+
+def _check_not_in_reference_container(cls, module, name):
+    """A torch.nn.utils.prune container gathers the live entries into 1-D
+    before calling its last member, which would lose the groups and slices of
+    ``cls``: refuse before anything changes."""
+    for hook in module._forward_pre_hooks.values():
+        if (isinstance(hook, _AnyContainer) and not isinstance(hook, PruningContainer)
+                and hook._tensor_name == name):
+            raise TypeError(
+                f"{cls.__name__} cannot join the torch.nn.utils.prune.PruningContainer of "
+                f"{name}: it gathers the unpruned entries into 1-D, losing the groups and slices")
+
+
+def _segmented_select(t, mask, **kwargs):
+    """:func:`fastprune.ops.segmented_mask` of ``|t|`` on ``mask``'s device,
+    its live entries those at 1 (a complex mask, of a complex parameter, is
+    read through them: the kernel takes real masks)."""
+    scores = _magnitude_scores(t)
+    if scores.device != mask.device:
+        scores = scores.to(mask.device)
+    mask = mask.detach()
+    if mask.is_complex():
+        live = mask == 1
+        kept = ops.segmented_mask(scores, live, **kwargs)
+        return mask.masked_fill(live & ~kept, 0)
+    return ops.segmented_mask(scores, mask, **kwargs)
+
+
 _ORIGINAL_COMPUTE_MASK = {
     cls: (vars(cls)["compute_mask"], twin, vars(twin)["compute_mask"])
     for cls, twin in ((PruningContainer, _torch_prune.PruningContainer),
@@ -1010,7 +1195,10 @@ _ORIGINAL_COMPUTE_MASK = {
                       (RandomUnstructured, _torch_prune.RandomUnstructured),
                       (CustomFromMask, _torch_prune.CustomFromMask),
                       (LnStructured, _torch_prune.LnStructured),
-                      (RandomStructured, _torch_prune.RandomStructured))
+                      (RandomStructured, _torch_prune.RandomStructured),
+                      # no torch twin: a class is its own, so only its own compute_mask counts
+                      (L1SemiStructured, L1SemiStructured),
+                      (ChannelwiseL1Unstructured, ChannelwiseL1Unstructured))
 }
 
 
@@ -1097,6 +1285,48 @@ def ln_structured(module, name, amount, n, dim, importance_scores=None):
         nn.Module: ``module``.
     """
     LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    return module
+
+
+def l1_semi_structured(module, name, n=2, m=4, dim=-1, importance_scores=None):
+    """Prune ``module.<name>`` to at most ``n`` nonzeros in every group of
+    ``m`` consecutive entries along ``dim`` (N:M sparsity; 2:4 by default).
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        n (int): entries that may stay in each group, ``0 <= n < m``.
+        m (int): entries per group; ``module.<name>.shape[dim]`` must be a
+            multiple of it.
+        dim (int): the dimension the groups run along. Default: -1.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    L1SemiStructured.apply(module, name, n=n, m=m, dim=dim, importance_scores=importance_scores)
+    return module
+
+
+def channelwise_l1_unstructured(module, name, amount, dim=0, importance_scores=None):
+    """Prune the same share of every slice of ``module.<name>`` along ``dim``:
+    the entries with the smallest magnitude in each (Wanda's per-row rule).
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of each slice's
+            entries still unpruned.
+        dim (int): the dimension that indexes the slices (0: the output rows
+            of a Linear weight). Default: 0.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape (Wanda: ``|W| * input norm``).
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    ChannelwiseL1Unstructured.apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
     return module
 
 
@@ -1278,6 +1508,8 @@ _KERNEL_PATHS = {
     RandomUnstructured: _UnstructuredPath(_random_masks),
     LnStructured: _StructuredPath(),
     RandomStructured: _StructuredPath(),
+    L1SemiStructured: _SegmentedPath(),
+    ChannelwiseL1Unstructured: _SegmentedPath(),
 }
 
 
