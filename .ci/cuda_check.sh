@@ -63,7 +63,7 @@ assert fastprune.__file__.startswith(sys.argv[1]), f"imported {fastprune.__file_
 info = fastprune.build_info()
 print("build_info:", info)
 assert info["cuda_built"] and info["cuda_kernels"], info
-for op in ("unstructured_mask", "global_unstructured_masks", "channel_norms"):
+for op in ("unstructured_mask", "global_unstructured_masks", "segmented_mask", "channel_norms"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprune::{op}", key), (op, key)
 # The CPU kernels of this build work too.
