@@ -226,6 +226,110 @@ for _method, _label in (("L1Unstructured", "l1"), ("RandomUnstructured", "random
                       idiom=kthvalue_idiom(0.5) if _method == "L1Unstructured" else None))
 
 
+# LLM recipes on a LLaMA-7B MLP weight (11008 x 4096), each in fp32 and bf16
+# whatever --dtype says: fastprune's per-row and 2:4 methods (the "fastprune"
+# side) against what LLM pruning code does today (the "torch" side). Both
+# sides rank the same precomputed scores |W| (the module's `scores` buffer;
+# Wanda's |W| * ||X|| costs the same). "_mask" workloads time the mask alone
+# (compute_mask against the baseline's mask), "_call" ones the whole prune,
+# the product included (the prune API against the baseline's mask then
+# `W[mask] = 0`). Masks are compared before timing (`pruned_masks_agree`).
+
+def _llm_weight(dtype, distinct_groups_of=None):
+    """make(): a Module with parameter p0 (tie-free for the baseline: every
+    magnitude distinct, or for bf16 at least distinct inside each group of
+    `distinct_groups_of`, where topk's choice would otherwise be arbitrary)
+    and buffer `scores` = |p0|."""
+    def make(_dtype, quick):
+        shape = (64, 256) if quick else (11008, 4096)
+        if distinct_groups_of and dtype not in _FIRST_BITS:
+            g = torch.Generator().manual_seed(0)
+            groups = shape[0] * shape[1] // distinct_groups_of
+            ranks = torch.rand(groups, distinct_groups_of, generator=g).argsort(1) + 1  # 1..m per group
+            scale = torch.rand(groups, 1, generator=g) + 0.1
+            signs = torch.randint(0, 2, ranks.shape, generator=g) * 2 - 1
+            w = (scale.to(dtype) * ranks.to(dtype) * signs.to(dtype)).reshape(shape)
+        else:
+            w = tie_free(shape, dtype if dtype in _FIRST_BITS else torch.float32).to(dtype)
+        m = nn.Module()
+        m.register_parameter("p0", nn.Parameter(w))
+        m.register_buffer("scores", w.detach().abs())
+        return m
+    return make
+
+
+def wanda_row_mask(scores, amount):
+    """Wanda's unstructured mask (locuslab/wanda lib/prune.py): a stable sort
+    of every row, the first int(cols * amount) indices scattered as pruned."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    order = torch.sort(scores, dim=-1, stable=True)[1]
+    pruned.scatter_(1, order[:, :int(scores.shape[1] * amount)], True)
+    return pruned
+
+
+def topk_loop_nm_mask(scores, n, m):
+    """Wanda's N:M mask: a Python loop over column groups, topk per group."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    for i in range(0, scores.shape[1], m):
+        tmp = scores[:, i:i + m].float()
+        pruned.scatter_(1, i + torch.topk(tmp, m - n, dim=1, largest=False)[1], True)
+    return pruned
+
+
+def batched_topk_nm_mask(scores, n, m):
+    """N:M in one topk over all groups (apex ASP's view(-1, 4) grouping)."""
+    groups = scores.reshape(-1, m)
+    idx = torch.topk(groups, m - n, dim=1, largest=False)[1]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).view(scores.shape)
+
+
+def pruned_masks_agree(ref, fast):
+    """The baseline's boolean "pruned" mask against fastprune's 0/1 mask."""
+    return (len(ref) == len(fast) == 1 and ref[0].shape == fast[0].shape
+            and torch.equal(~ref[0], fast[0] != 0))
+
+
+def _llm_run(method, prune_call, baseline, call):
+    """run(prune, m): on the fastprune side `method.compute_mask` (with the
+    default mask a first prune passes) or `prune_call(m)`; on the other,
+    `baseline(scores)` (then W[mask] = 0 for a call). Each stores its mask
+    as the buffer p0_mask (the baseline's: True where pruned)."""
+    def run(prune, m):
+        if prune is fast_prune:
+            if call:
+                return prune_call(m)
+            ones = torch.ones((), dtype=m.p0.dtype).expand(m.p0.shape)
+            return m.register_buffer("p0_mask", method.compute_mask(m.scores, default_mask=ones))
+        pruned = baseline(m.scores)
+        if call:
+            with torch.no_grad():
+                m.p0[pruned] = 0
+        m.register_buffer("p0_mask", pruned)
+    return run
+
+
+_LLM_WORKLOADS = (
+    ("wanda_rows", fast_prune.ChannelwiseL1Unstructured(0.5),
+     lambda m: fast_prune.channelwise_l1_unstructured(m, "p0", amount=0.5, importance_scores=m.scores),
+     lambda s: wanda_row_mask(s, 0.5), None, "channelwise_l1_unstructured 0.5 vs Wanda's sort + scatter"),
+    ("nm24_loop", fast_prune.L1SemiStructured(2, 4),
+     lambda m: fast_prune.l1_semi_structured(m, "p0", importance_scores=m.scores),
+     lambda s: topk_loop_nm_mask(s, 2, 4), 4, "l1_semi_structured 2:4 vs Wanda's per-group topk loop"),
+    ("nm24_topk", fast_prune.L1SemiStructured(2, 4),
+     lambda m: fast_prune.l1_semi_structured(m, "p0", importance_scores=m.scores),
+     lambda s: batched_topk_nm_mask(s, 2, 4), 4, "l1_semi_structured 2:4 vs one batched topk over view(-1, 4)"),
+)
+for _name, _method, _prune_call, _baseline, _groups, _note in _LLM_WORKLOADS:
+    for _dt, _dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for _call in (False, True):
+            # floor: scores read + mask written; a call also reads W and the mask and writes W * mask
+            _add(Workload(
+                f"{_name}_{_dname}_{'call' if _call else 'mask'}", _llm_weight(_dt, _groups),
+                _llm_run(_method, _prune_call, _baseline, _call),
+                (lambda m: _bytes(m, 3, 2)) if _call else (lambda m: _bytes(m, 1, 1)),
+                f"{_note}, 11008x4096 {_dname}, {'prune call incl. product' if _call else 'mask only'}",
+                agree=pruned_masks_agree))
+
 # ------------------------------------------------------------------ timing
 
 def measure_copy_bandwidth(nbytes=1 << 28):

@@ -63,6 +63,19 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "masks_at_threshold(Tensor[] scores, Tensor[] masks, int key, int skip, "
       "int take, bool only_ones, bool largest) -> Tensor[]");
+  // New mask for pruning inside segments (N:M groups, per-channel exact k):
+  // a copy of `mask` (same dtype) in which, in every segment, the k live
+  // entries (mask == 1) with the smallest |scores| are set to 0, ties to the
+  // lower position in the segment (row-major), NaN above +inf. Segments:
+  // when group == 0, every slice t.select(dim, i); when group > 0, every run
+  // of `group` consecutive entries along `dim` (its size a multiple of group),
+  // all other indices fixed. Per segment with `live` live entries: k =
+  // max(live - count, 0) when `keep` (at most `count` stay), else k = count if
+  // count >= 0, else round-half-even(fraction * live); k > live is a
+  // ValueError. Entries that are not live keep their mask value.
+  m.def(
+      "segmented_mask(Tensor scores, Tensor mask, int dim, int group, int count, "
+      "float fraction, bool keep) -> Tensor");
   // The norm of every slice of `t` along `dim` (all other dimensions reduced),
   // as float64 of shape (t.size(dim),): p = inf is max |x|, -inf min |x|, 0
   // the count of non-zeros, else (sum |x|^p)^(1/p), as torch.linalg.vector_norm

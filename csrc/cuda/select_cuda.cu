@@ -390,17 +390,6 @@ class UnstructuredSelect {
   at::Tensor total_;  // host copy of the last histogram
 };
 
-// The bits of the value 1 in a mask dtype (the dtypes the CPU kernel takes).
-uint64_t one_bits(at::ScalarType type) {
-  uint64_t bits = 0;
-  AT_DISPATCH_ALL_TYPES_AND3(
-      at::kHalf, at::kBFloat16, at::kBool, type, "fastprune_select", [&] {
-        const scalar_t one(1);
-        std::memcpy(&bits, &one, sizeof(one));
-      });
-  return bits;
-}
-
 std::vector<at::Tensor> select_masks(
     std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
     bool largest) {

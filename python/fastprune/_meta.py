@@ -21,6 +21,19 @@ def _global_unstructured_masks_fake(scores, masks, count, fraction, only_ones, l
     return [_unstructured_mask_fake(s, m, count, fraction, only_ones, largest) for s, m in zip(scores, masks)]
 
 
+@torch.library.register_fake("fastprune::segmented_mask")
+def _segmented_mask_fake(scores, mask, dim, group, count, fraction, keep):
+    torch._check(scores.shape == mask.shape, lambda: "segmented_mask: scores and mask must have the same shape")
+    torch._check(scores.is_floating_point(), lambda: "segmented_mask: scores must be a floating point tensor")
+    torch._check(scores.dim() >= 1, lambda: "segmented_mask: expected a tensor with at least one dimension")
+    size = scores.shape[dim]
+    torch._check(group >= 0 and (group == 0 or size % group == 0),
+                 lambda: f"segmented_mask: the size of dim {dim} ({size}) must be a multiple of the group size {group}")
+    if _is_broadcast_scalar(mask):
+        return torch.empty_like(scores, dtype=mask.dtype)
+    return torch.empty_like(mask)
+
+
 @torch.library.register_fake("fastprune::channel_norms")
 def _channel_norms_fake(t, dim, p):
     torch._check(t.is_floating_point(), lambda: "channel_norms: expected a floating point tensor")

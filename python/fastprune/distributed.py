@@ -372,8 +372,8 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
     try:
         prepared = prune._prepare_global(parameters, importance_scores, pruning_method, kwargs,
                                          allow_empty=True)
-        kind = prune._kernel_kind(prepared.method)
-        if kind is None:
+        path = prune._kernel_path(prepared.method)
+        if not isinstance(path, prune._UnstructuredPath):
             raise NotImplementedError(
                 "fastprune.distributed.global_unstructured: only L1Unstructured and "
                 f"RandomUnstructured, got {pruning_method}")
@@ -404,7 +404,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         p.mask = p.mask.reshape(-1) if not ops_broadcast(p.mask) else torch.ones(
             (), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
     amount = kwargs.get("amount")
-    if kind == "l1":
+    if not path.random:
         for p in pieces:
             p.scores = prune._magnitude_scores(p.scores)
     else:
@@ -412,7 +412,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         for p in pieces:
             p.scores = uniform_draws(seed, p.positions()).to(p.mask.device)
     new = select(pieces, comm, lambda n: prune._global_count(amount, n), only_ones=True,
-                 largest=kind == "random", dtype=prepared.dtype if kind == "l1" else torch.float64,
+                 largest=path.random, dtype=torch.float64 if path.random else prepared.dtype,
                  total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
     prune._apply_global_masks(prepared.parameters, own, prepared.masks)

@@ -155,6 +155,47 @@ def masks_at_threshold(
         return []
     return torch.ops.fastprune.masks_at_threshold(scores, masks, int(key), int(skip), int(take),
                                                   only_ones, largest)
+def segmented_mask(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    dim: int,
+    group: int = 0,
+    count: Optional[int] = None,
+    fraction: Optional[float] = None,
+    keep: bool = False,
+) -> torch.Tensor:
+    """New mask pruning inside segments: N:M groups, or every slice along a dim.
+
+    Segments are every slice ``t.select(dim, i)`` when ``group`` is 0, else
+    every run of ``group`` consecutive entries along ``dim`` (all other
+    indices fixed; ``t.shape[dim]`` must be a multiple of ``group``). In each
+    segment the live entries (``mask == 1``) with the smallest ``|scores|``
+    are set to 0 (NaN ranks above inf; of equal scores the lower row-major
+    position in the segment goes first); entries that are not live keep their
+    mask value.
+
+    Args:
+        scores: floating-point importance scores (float16, bfloat16, float32,
+            float64), any strides.
+        mask: the current mask, same shape, any real dtype or bool, any
+            strides (a broadcast ``expand`` of one value is read in place).
+        dim: the dimension the segments are cut along.
+        group: entries per group along ``dim``, or 0 for whole slices.
+        count: with ``keep``, at most this many live entries stay in each
+            segment (N:M: ``n``); without, exactly this many are pruned in
+            each (a ValueError where a segment has fewer live entries).
+        fraction: without ``keep``, prune ``round(fraction * live)`` in each
+            segment (ties to even, as Python's ``round``). Give ``count`` or
+            ``fraction``.
+        keep: ``count`` is what stays rather than what goes.
+
+    Returns:
+        A new tensor with ``mask``'s dtype and memory format (the scores'
+        format when ``mask`` is a broadcast).
+    """
+    count, fraction = _amount_args(count, fraction)
+    return torch.ops.fastprune.segmented_mask(scores, mask, dim, group, count, fraction, keep)
 
 
 def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:

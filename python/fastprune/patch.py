@@ -34,15 +34,16 @@ from torch.nn.utils import prune as _torch_prune
 from . import prune as _fast
 
 # The module's functions: the public ones and the helpers its tests and
-# users call.
-_FUNCTIONS = tuple(name for name in _fast.__all__ if not isinstance(getattr(_fast, name), type)) + (
+# users call (fastprune's own additions, which torch lacks, are left out).
+_FUNCTIONS = tuple(name for name in _fast.__all__
+                   if not isinstance(getattr(_fast, name), type) and hasattr(_torch_prune, name)) + (
     "_validate_pruning_amount_init", "_validate_pruning_amount", "_compute_nparams_toprune",
     "_validate_structured_pruning", "_validate_pruning_dim", "_compute_norm")
 
 # torch's concrete classes and the fastprune class that an instance becomes.
 _TWINS = {getattr(_torch_prune, name): getattr(_fast, name)
           for name in _fast.__all__
-          if isinstance(getattr(_torch_prune, name), type) and name != "BasePruningMethod"}
+          if isinstance(getattr(_torch_prune, name, None), type) and name != "BasePruningMethod"}
 
 _MISSING = object()
 

@@ -44,6 +44,8 @@ __all__ = [
     "RandomStructured",
     "LnStructured",
     "CustomFromMask",
+    "L1SemiStructured",
+    "ChannelwiseL1Unstructured",
     "identity",
     "random_unstructured",
     "l1_unstructured",
@@ -51,6 +53,8 @@ __all__ = [
     "ln_structured",
     "global_unstructured",
     "custom_from_mask",
+    "l1_semi_structured",
+    "channelwise_l1_unstructured",
     "remove",
     "is_pruned",
 ]
@@ -198,7 +202,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
 
             if isinstance(method, _AnyContainer):
                 current = getattr(module, name + "_mask").detach()
-                if _container_kernel_kind(method, importance_scores, current) is None:
+                if _container_path(method, importance_scores, current) is None:
                     current = current.clone()
                 default_mask = current
             else:
@@ -382,14 +386,13 @@ def _is_plain(method, classes):
             and "compute_mask" not in getattr(method, "__dict__", ()))
 
 
-def _kernel_kind(method):
-    """``"l1"`` or ``"random"`` for our own, unpatched L1/RandomUnstructured, else None."""
-    if not _is_plain(method, (L1Unstructured, RandomUnstructured)):
-        return None
-    return "l1" if type(method) is L1Unstructured else "random"
+def _kernel_path(method):
+    """The kernel path (entry of ``_KERNEL_PATHS``) of our own, unpatched ``method``, else None."""
+    path = _KERNEL_PATHS.get(type(method))
+    return path if path is not None and _is_plain(method, (type(method),)) else None
 
 
-def _container_kernel_kind(container, t, mask):
+def _container_path(container, t, mask):
     """The kernel path ``container.compute_mask(t, mask)`` takes, or None.
 
     A kernel path never writes into ``mask``, so ``apply`` need not clone it.
@@ -400,16 +403,77 @@ def _container_kernel_kind(container, t, mask):
             or not container._pruning_methods
             or t.shape != mask.shape or t.device != mask.device):
         return None
-    method = container._pruning_methods[-1]
-    # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
-    # leading dim: the method then prunes a (1, n) (or (0, n)) view instead of
-    # failing; the generic path does the same.
-    if (_is_plain(method, (LnStructured, RandomStructured)) and t.device.type != "meta"
-            and t.dim() > 1):
-        return "structured"
-    if mask.is_complex():  # the unstructured kernels take real masks
-        return None
-    return _kernel_kind(method)
+    path = _kernel_path(container._pruning_methods[-1])
+    return path if path is not None and path.accepts(t, mask) else None
+
+
+class _KernelPath:
+    """How the kernels serve one of our method classes: its entry of ``_KERNEL_PATHS``."""
+
+    # A first prune may pass a stride-0 view of a single one as the default
+    # mask (the kernel reads it in place, see _unpruned_mask).
+    first_ones = True
+
+    def accepts(self, t, mask):
+        """Whether the path serves a container step on ``t`` with ``mask``."""
+        return True
+
+    def step(self, method, t, mask):
+        """The container's step: ``mask`` with ``method`` applied where the
+        earlier members left it unpruned, in ``t``'s dtype; never written into."""
+        raise NotImplementedError
+
+    def global_masks(self, method, currents, scores, masks):
+        """The masks of ``global_unstructured`` (see :func:`_magnitude_masks`)."""
+        raise TypeError(
+            f"global_unstructured(): {type(method).__name__} prunes inside each tensor "
+            "(per group or per slice) and cannot rank several tensors together; "
+            "prune each parameter on its own")
+
+
+class _UnstructuredPath(_KernelPath):
+    """L1/RandomUnstructured: one select among the entries still at 1 of one
+    tensor (a container's step) or several (global pruning)."""
+
+    def __init__(self, masks, random):
+        self.masks = masks  # masks(amount, currents, scores, masks), see _magnitude_masks
+        self.random = random  # ranks random draws (largest first) instead of |score|
+
+    def accepts(self, t, mask):
+        return not mask.is_complex()  # the unstructured kernels take real masks
+
+    def step(self, method, t, mask):
+        return self.masks(method.amount, [t], [t], [mask])[0]
+
+    def global_masks(self, method, currents, scores, masks):
+        return self.masks(method.amount, currents, scores, masks)
+
+
+class _StructuredPath(_KernelPath):
+    """Ln/RandomStructured in a container: the channels not yet all zero are
+    ranked without gathering ``t`` or the mask."""
+
+    first_ones = False
+
+    def accepts(self, t, mask):
+        # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
+        # leading dim: the method then prunes a (1, n) (or (0, n)) view instead
+        # of failing; the generic path does the same.
+        return t.device.type != "meta" and t.dim() > 1
+
+    def step(self, method, t, mask):
+        dim = _structured_dim(method, t)
+        return _structured_on_live(method, t, mask, dim, _live_channels(mask, dim))
+
+
+class _SegmentedPath(_KernelPath):
+    """L1SemiStructured / ChannelwiseL1Unstructured: their ``compute_mask``
+    reads the old mask in place and prunes only its live entries, so a
+    container hands it the whole tensor (gathering the live entries into 1-D
+    would lose the groups and slices). Never global."""
+
+    def step(self, method, t, mask):
+        return method.compute_mask(t, mask).to(dtype=t.dtype)
 
 
 def _unpruned_mask(orig, scores):
@@ -462,7 +526,8 @@ def _first_mask(method, orig, scores):
     """
     if type(method) is CustomFromMask and _unpatched(CustomFromMask):
         return _unpruned_mask(orig, method.mask)
-    if _kernel_kind(method) is not None:
+    path = _kernel_path(method)
+    if path is not None and path.first_ones:
         return _unpruned_mask(orig, scores)
     return torch.ones_like(orig)
 
@@ -554,11 +619,10 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         Returns:
             torch.Tensor: the new mask, with the dtype of ``t``.
         """
-        kind = _container_kernel_kind(self, t, mask)
-        if kind in ("l1", "random"):
-            # Among the entries still at 1: the global select over one tensor.
-            return _kernel_masks(kind, method.amount, [t], [t], [mask])[0]
-        if dtensor.is_dtensor(t) and kind != "structured":
+        path = _container_path(self, t, mask)
+        if path is not None:
+            return path.step(method, t, mask)
+        if dtensor.is_dtensor(t):
             # No boolean indexing of DTensors: a method that ignores the
             # region (Identity) or covers it all ("global") runs on the whole.
             if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
@@ -573,19 +637,9 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         if pruning_type == "unstructured":
             region = mask == 1
         elif pruning_type == "structured":
-            if not hasattr(method, "dim"):
-                raise AttributeError(
-                    'Pruning methods of PRUNING_TYPE "structured" need to have the '
-                    "attribute `dim` defined.")
-            ndim = t.dim()
-            dim = method.dim + ndim if method.dim < 0 else method.dim
-            if dim < 0:
-                raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
-            live = _live_channels(mask, dim)
-            if kind == "structured":
-                return _structured_on_live(method, t, mask, dim, live)
-            region = [slice(None)] * ndim
-            region[dim] = live
+            dim = _structured_dim(method, t)
+            region = [slice(None)] * t.dim()
+            region[dim] = _live_channels(mask, dim)
             region = tuple(region)
         elif pruning_type == "global":
             region = (slice(None),) * t.dim()
@@ -594,6 +648,19 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         partial = method.compute_mask(t[region], default_mask=mask[region])
         new_mask[region] = partial.to(dtype=new_mask.dtype)
         return new_mask
+
+
+def _structured_dim(method, t):
+    """The container's channel dim of a structured member, made non-negative."""
+    if not hasattr(method, "dim"):
+        raise AttributeError(
+            'Pruning methods of PRUNING_TYPE "structured" need to have the '
+            "attribute `dim` defined.")
+    ndim = t.dim()
+    dim = method.dim + ndim if method.dim < 0 else method.dim
+    if dim < 0:
+        raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
+    return dim
 
 
 def _live_channels(mask, dim):
@@ -999,6 +1066,178 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
         return super().apply(module, name, mask=mask)
 
 
+class L1SemiStructured(BasePruningMethod):
+    """N:M semi-structured pruning: in every group of ``m`` consecutive entries
+    along ``dim`` (groups aligned at index 0), at most ``n`` stay nonzero.
+
+    Of each group's live entries (mask still 1) those with the smallest
+    absolute value are pruned, ties to the lower index, until ``n`` are left.
+    Entries an earlier prune zeroed count among the pruned of their group: a
+    group with at most ``n`` live entries loses nothing more. 2:4 along the
+    last dim (``n=2, m=4, dim=-1``) is the pattern that
+    ``torch.sparse.to_sparse_semi_structured`` and sparse tensor cores run.
+    Not a torch method: no ``torch.nn.utils.prune`` twin, and not accepted by
+    ``global_unstructured``.
+
+    Args:
+        n (int): entries that may stay in each group, ``0 <= n < m``. Default: 2.
+        m (int): entries per group, ``m >= 1``. Default: 4.
+        dim (int): the dimension the groups run along; its size must be a
+            multiple of ``m``. Default: -1.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, n=2, m=4, dim=-1):
+        _validate_int("n", n)
+        _validate_int("m", m)
+        _validate_int("dim", dim)
+        if not 0 <= n < m:
+            raise ValueError(f"n={n}, m={m}: N:M pruning needs integers 0 <= n < m")
+        self.n, self.m, self.dim = n, m, dim
+
+    def compute_mask(self, t, default_mask):
+        """Zero, in every group of ``default_mask``, its live entries with the
+        smallest ``|t|`` until at most ``n`` are left.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes; only its
+                entries at 1 are live.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        _validate_pruning_dim(t, self.dim)
+        size = t.shape[self.dim]
+        if size % self.m:
+            raise ValueError(
+                f"L1SemiStructured: the size of dim {self.dim} ({size}) must be a multiple "
+                f"of m={self.m}, got a tensor of shape {tuple(t.shape)}")
+        return _segmented_select(t, default_mask, dim=self.dim, group=self.m, count=self.n, keep=True)
+
+    @classmethod
+    def apply(cls, module, name, n=2, m=4, dim=-1, importance_scores=None):
+        """Prune ``module.<name>`` to at most ``n`` of every ``m`` along ``dim``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            n (int): entries that may stay in each group.
+            m (int): entries per group.
+            dim (int): the dimension the groups run along.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        _check_not_in_reference_container(cls, module, name)
+        return super().apply(module, name, n=n, m=m, dim=dim, importance_scores=importance_scores)
+
+
+class ChannelwiseL1Unstructured(BasePruningMethod):
+    """Per-channel exact-k magnitude pruning (Wanda's per-output-row rule):
+    every slice along ``dim`` loses the same share of its live entries.
+
+    Each slice ``t.select(dim, i)`` (an output row of a Linear weight for
+    ``dim=0``) loses exactly ``round(amount * its live entries)`` (ties to
+    even; an int amount: that many in every slice) of its live entries (mask
+    still 1) with the smallest absolute value, ties to the lower index. As
+    with :class:`L1Unstructured`, amounts are relative to what is still
+    unpruned, here per slice. Not a torch method: no ``torch.nn.utils.prune``
+    twin, and not accepted by ``global_unstructured``.
+
+    Args:
+        amount (int or float): entries to prune in every slice: a count, or a
+            fraction in [0, 1] of its live entries.
+        dim (int): the dimension that indexes the slices. Default: 0.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, dim=0):
+        _validate_pruning_amount_init(amount)
+        _validate_int("dim", dim)
+        self.amount = amount
+        self.dim = dim
+
+    def compute_mask(self, t, default_mask):
+        """Zero, in every slice of ``default_mask`` along ``dim``, its k live
+        entries with the smallest ``|t|``.
+
+        Args:
+            t (torch.Tensor): importance scores.
+            default_mask (torch.Tensor): mask of earlier prunes; only its
+                entries at 1 are live.
+
+        Returns:
+            torch.Tensor: a new mask with ``default_mask``'s dtype.
+        """
+        _validate_pruning_dim(t, self.dim)
+        channels = t.shape[self.dim]
+        if not isinstance(self.amount, numbers.Integral):
+            return _segmented_select(t, default_mask, dim=self.dim, fraction=float(self.amount))
+        _validate_pruning_amount(self.amount, t.numel() // channels if channels else 0)
+        _check_count(self.amount)
+        return _segmented_select(t, default_mask, dim=self.dim, count=self.amount)
+
+    @classmethod
+    def apply(cls, module, name, amount, dim=0, importance_scores=None):
+        """Prune the smallest-magnitude entries of every slice of ``module.<name>``.
+
+        Args:
+            module (nn.Module): module holding the tensor.
+            name (str): name of the parameter.
+            amount (int or float): count or fraction of each slice's live entries.
+            dim (int): the dimension that indexes the slices.
+            importance_scores (torch.Tensor, optional): scores to rank instead
+                of the parameter.
+
+        Returns:
+            BasePruningMethod: the hook now registered.
+        """
+        _check_not_in_reference_container(cls, module, name)
+        return super().apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
+
+
+def _validate_int(name, value):
+    """Reject a non-integer (or bool) ``value`` of argument ``name`` with a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid type for {name}: {value!r}. Must be int.")
+
+
+def _check_not_in_reference_container(cls, module, name):
+    """A torch.nn.utils.prune container gathers the live entries into 1-D
+    before calling its last member, which would lose the groups and slices of
+    ``cls``: refuse before anything changes."""
+    for hook in module._forward_pre_hooks.values():
+        if (isinstance(hook, _AnyContainer) and not isinstance(hook, PruningContainer)
+                and hook._tensor_name == name):
+            raise TypeError(
+                f"{cls.__name__} cannot join the torch.nn.utils.prune.PruningContainer of "
+                f"{name}: it gathers the unpruned entries into 1-D, losing the groups and slices")
+
+
+def _segmented_select(t, mask, **kwargs):
+    """:func:`fastprune.ops.segmented_mask` of ``|t|`` on ``mask``'s device,
+    its live entries those at 1 (a complex mask, of a complex parameter, is
+    read through them: the kernel takes real masks)."""
+    if dtensor.is_dtensor(t) or dtensor.is_dtensor(mask):
+        raise NotImplementedError(
+            "fastprune: L1SemiStructured and ChannelwiseL1Unstructured do not support DTensor "
+            "parameters yet; prune the unsharded tensor, or use l1_unstructured / ln_structured")
+    scores = _magnitude_scores(t)
+    if scores.device != mask.device:
+        scores = scores.to(mask.device)
+    mask = mask.detach()
+    if mask.is_complex():
+        live = mask == 1
+        kept = ops.segmented_mask(scores, live, **kwargs)
+        return mask.masked_fill(live & ~kept, 0)
+    return ops.segmented_mask(scores, mask, **kwargs)
+
+
 _ORIGINAL_COMPUTE_MASK = {
     cls: (vars(cls)["compute_mask"], twin, vars(twin)["compute_mask"])
     for cls, twin in ((PruningContainer, _torch_prune.PruningContainer),
@@ -1007,7 +1246,10 @@ _ORIGINAL_COMPUTE_MASK = {
                       (CustomFromMask, _torch_prune.CustomFromMask),
                       (Identity, _torch_prune.Identity),
                       (LnStructured, _torch_prune.LnStructured),
-                      (RandomStructured, _torch_prune.RandomStructured))
+                      (RandomStructured, _torch_prune.RandomStructured),
+                      # no torch twin: a class is its own, so only its own compute_mask counts
+                      (L1SemiStructured, L1SemiStructured),
+                      (ChannelwiseL1Unstructured, ChannelwiseL1Unstructured))
 }
 
 
@@ -1097,6 +1339,48 @@ def ln_structured(module, name, amount, n, dim, importance_scores=None):
     return module
 
 
+def l1_semi_structured(module, name, n=2, m=4, dim=-1, importance_scores=None):
+    """Prune ``module.<name>`` to at most ``n`` nonzeros in every group of
+    ``m`` consecutive entries along ``dim`` (N:M sparsity; 2:4 by default).
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        n (int): entries that may stay in each group, ``0 <= n < m``.
+        m (int): entries per group; ``module.<name>.shape[dim]`` must be a
+            multiple of it.
+        dim (int): the dimension the groups run along. Default: -1.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    L1SemiStructured.apply(module, name, n=n, m=m, dim=dim, importance_scores=importance_scores)
+    return module
+
+
+def channelwise_l1_unstructured(module, name, amount, dim=0, importance_scores=None):
+    """Prune the same share of every slice of ``module.<name>`` along ``dim``:
+    the entries with the smallest magnitude in each (Wanda's per-row rule).
+
+    Args:
+        module (nn.Module): module holding the tensor.
+        name (str): name of the parameter.
+        amount (int or float): count, or fraction in [0, 1], of each slice's
+            entries still unpruned.
+        dim (int): the dimension that indexes the slices (0: the output rows
+            of a Linear weight). Default: 0.
+        importance_scores (torch.Tensor, optional): scores to rank instead of
+            the parameter, same shape (Wanda: ``|W| * input norm``).
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    ChannelwiseL1Unstructured.apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
+    return module
+
+
 def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs):
     """Prune several tensors together, ranking all their entries at once.
 
@@ -1120,9 +1404,9 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     prepared = _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs)
     currents, scores, masks = prepared.currents, prepared.scores, prepared.masks
     method, container = prepared.method, prepared.container
-    kind = _kernel_kind(method)
-    if kind is not None and not any(m.is_complex() for m in prepared.masks_or_ones):  # kernels take real masks
-        own_masks = _kernel_masks(kind, method.amount, currents, scores, masks)
+    path = _kernel_path(method)
+    if path is not None and all(path.accepts(s, m) for s, m in zip(scores, prepared.masks_or_ones)):
+        own_masks = path.global_masks(method, currents, scores, masks)
     else:
         own_masks = _global_reference_masks(container, currents, scores, masks)
     _apply_global_masks(prepared.parameters, own_masks, masks)
@@ -1274,46 +1558,68 @@ def _promoted_scores(scores):
     return [s.detach().to(dtype) for s in scores], dtype
 
 
-def _kernel_masks(kind, amount, currents, scores, masks):
-    """L1/random masks of one or several tensors ranked together (global
-    pruning, and a container's unstructured step), without concatenating or
-    gathering anything; one new mask per tensor, in the scores' promoted dtype.
-
-    ``masks`` holds each tensor's current mask, or None for an unpruned one.
-    Candidates are the entries still at 1 (all entries of unpruned tensors,
-    read through a stride-0 view of a single one). On the meta device an
-    integer amount cannot be checked against the candidates, and random draws
-    nothing. L1 ranks ``|score|`` across
-    all parameters with one multi-tensor select; random draws one number per
-    candidate in concatenation order, exactly as the reference, and prunes the
-    k largest draws.
-    """
+def _kernel_operands(currents, scores, masks):
+    """The scores in their promoted dtype, that dtype, and each tensor's
+    current mask (a stride-0 view of a single one for an unpruned one)."""
     scores, dtype = _promoted_scores(scores)
     olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
+    return scores, dtype, olds
+
+
+def _candidate_count(amount, currents, masks):
+    """k, the candidates n (None on the meta device, where they are unknown
+    and an integer amount cannot be checked) and each tensor's candidates."""
+    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
+    if any(n is None for n in counts):
+        return amount, None, counts
+    n = sum(counts)
+    k = _compute_nparams_toprune(amount, n)
+    _validate_pruning_amount(k, n)
+    return k, n, counts
+
+
+def _magnitude_masks(amount, currents, scores, masks):
+    """L1 masks of one or several tensors ranked together (global pruning, and
+    a container's unstructured step), without concatenating or gathering
+    anything; one new mask per tensor, in the scores' promoted dtype.
+
+    ``masks`` holds each tensor's current mask, or None for an unpruned one.
+    Candidates are the entries still at 1; ``|score|`` is ranked across all
+    parameters with one multi-tensor select.
+    """
+    scores, dtype, olds = _kernel_operands(currents, scores, masks)
     if any(dtensor.is_dtensor(s) for s in scores):
         new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _global_count(amount, n), only_ones=True,
-                                   largest=kind == "random", random=kind == "random")
+                                   lambda n: _global_count(amount, n), only_ones=True)
         return [m.to(dtype) for m in new]
-    if kind == "l1" and isinstance(amount, float) and 0.0 <= amount <= 1.0:
+    if isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
         new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
                                             fraction=amount, only_ones=True)
         return [m.to(dtype) for m in new]
-    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
-    unknown = any(n is None for n in counts)  # meta tensors
-    n = None if unknown else sum(counts)
-    k = amount if unknown else _compute_nparams_toprune(amount, n)
-    if not unknown:
-        _validate_pruning_amount(k, n)
-    if kind == "l1" or unknown:
-        _check_count(k)  # random: after the draws below, where the reference's topk fails
-    if kind == "l1":
-        new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
-                                            count=k, only_ones=True)
+    k, _, _ = _candidate_count(amount, currents, masks)
+    _check_count(k)
+    new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
+                                        count=k, only_ones=True)
+    return [m.to(dtype) for m in new]
+
+
+def _random_masks(amount, currents, scores, masks):
+    """Random masks, as :func:`_magnitude_masks` takes its arguments: one draw
+    per candidate in concatenation order, exactly as the reference, then the
+    k largest draws are pruned. On the meta device nothing is drawn. DTensors
+    take draws keyed by global position instead (docs/distributed.md)."""
+    scores, dtype, olds = _kernel_operands(currents, scores, masks)
+    if any(dtensor.is_dtensor(s) for s in scores):
+        new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
+                                   lambda n: _global_count(amount, n), only_ones=True,
+                                   largest=True, random=True)
         return [m.to(dtype) for m in new]
+    k, n, counts = _candidate_count(amount, currents, masks)
+    if n is None:
+        _check_count(k)  # else after the draws below, where the reference's topk fails
     new = [m.to(dtype, copy=True) for m in olds]
-    if unknown or k == 0:
+    if n is None or k == 0:
         return new
     draws = torch.rand(n, dtype=dtype, device=scores[0].device)
     _check_draws(draws, k)
@@ -1332,6 +1638,19 @@ def _kernel_masks(kind, amount, currents, scores, masks):
         mask[old == 1] = kept[start:start + count]
         start += count
     return new
+
+
+# The kernel path of each of our methods, by exact class; a subclass, or a
+# method whose compute_mask was replaced (see _is_plain), takes the generic
+# path of the reference's algorithm.
+_KERNEL_PATHS = {
+    L1Unstructured: _UnstructuredPath(_magnitude_masks, random=False),
+    RandomUnstructured: _UnstructuredPath(_random_masks, random=True),
+    LnStructured: _StructuredPath(),
+    RandomStructured: _StructuredPath(),
+    L1SemiStructured: _SegmentedPath(),
+    ChannelwiseL1Unstructured: _SegmentedPath(),
+}
 
 
 def _global_reference_masks(container, currents, scores, masks):

@@ -1,5 +1,5 @@
 // Tests of the magnitude select: the device-agnostic helpers of
-// csrc/common/select.h directly, and fastprune::unstructured_mask and
+// csrc/common/select.h (and segments.h) directly, and fastprune::unstructured_mask and
 // fastprune::global_unstructured_masks end to end through the dispatcher
 // against a brute-force reference (a stable sort of the candidates by
 // magnitude, so that equal magnitudes keep flat order).
@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/segments.h"
 #include "common/select.h"
 
 namespace fastprune {
@@ -934,6 +935,117 @@ TEST(Fuzz, RandomCasesMatchTheSortedReference) {
       check(Case{g.scores[0], g.masks[0], g.only_ones, g.largest}, {k}, {fraction});
     }
     if (::testing::Test::HasFailure()) return;  // one failing seed is enough to replay
+  }
+}
+
+// ---------------------------------------------------------------------------
+// csrc/common/segments.h, and fastprune::segmented_mask through the dispatcher
+// ---------------------------------------------------------------------------
+
+TEST(SegmentPruneCount, KeepsAtMostCountOrPrunesExactly) {
+  EXPECT_EQ(segment_prune_count(4, 2, 0.0, true), 2);  // 2:4 on a full group
+  EXPECT_EQ(segment_prune_count(3, 2, 0.0, true), 1);
+  EXPECT_EQ(segment_prune_count(2, 2, 0.0, true), 0);
+  EXPECT_EQ(segment_prune_count(1, 2, 0.0, true), 0);  // never negative
+  EXPECT_EQ(segment_prune_count(5, 3, 0.9, false), 3);  // an exact count ignores fraction
+  EXPECT_EQ(segment_prune_count(5, 7, 0.0, false), 7);  // above live: the caller's error
+  EXPECT_EQ(segment_prune_count(5, -1, 0.5, false), 2);  // 2.5 -> 2
+  EXPECT_EQ(segment_prune_count(7, -1, 0.5, false), 4);  // 3.5 -> 4
+}
+
+TEST(PrunedByRank, SmallestLiveKeysGoFirstTiesToTheLowerPosition) {
+  const uint32_t keys[5] = {5, 3, 5, 3, 1};
+  const uint32_t live[5] = {1, 1, 1, 0, 1};
+  // Live, in prune order: (1, 4), (3, 1), (5, 0), (5, 2); position 3 is dead.
+  const bool expected[5][5] = {
+      {false, false, false, false, false},  // k = 0
+      {false, false, false, false, true},
+      {false, true, false, false, true},
+      {true, true, false, false, true},
+      {true, true, true, false, true}};
+  for (int k = 0; k < 5; ++k) {
+    for (int j = 0; j < 5; ++j) {
+      EXPECT_EQ(pruned_by_rank(keys, live, 5, j, k), expected[k][j]) << "k=" << k << " j=" << j;
+    }
+  }
+}
+
+at::Tensor segmented_mask(
+    const at::Tensor& scores, const at::Tensor& mask, int64_t dim, int64_t group,
+    int64_t count, double fraction, bool keep) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastprune::segmented_mask", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                            double, bool)>();
+  return op.call(scores, mask, dim, group, count, fraction, keep);
+}
+
+// The contract by brute force on a 2-D tensor: segments are rows (group 0,
+// dim 0) or groups of `group` along dim 1; a stable sort of each segment's
+// live entries by |score| (NaN last), the first k pruned.
+at::Tensor reference_segmented(
+    const at::Tensor& scores, const at::Tensor& mask, int64_t group, int64_t count,
+    double fraction, bool keep) {
+  const at::Tensor s = scores.to(at::kDouble).contiguous();
+  at::Tensor out = mask.to(at::kDouble).contiguous().clone();
+  const int64_t rows = s.size(0), cols = s.size(1), len = group == 0 ? cols : group;
+  const double* sp = s.const_data_ptr<double>();
+  double* op = out.mutable_data_ptr<double>();
+  for (int64_t base = 0; base < rows * cols; base += len) {
+    std::vector<int64_t> live;
+    for (int64_t i = base; i < base + len; ++i) {
+      if (op[i] == 1.0) live.push_back(i);
+    }
+    std::stable_sort(live.begin(), live.end(), [&](int64_t a, int64_t b) {
+      const bool na = std::isnan(sp[a]), nb = std::isnan(sp[b]);
+      if (na || nb) return !na && nb;
+      return std::abs(sp[a]) < std::abs(sp[b]);
+    });
+    const auto n = static_cast<int64_t>(live.size());
+    const int64_t k = segment_prune_count(n, count, fraction, keep);
+    for (int64_t j = 0; j < k && j < n; ++j) op[live[j]] = 0.0;
+  }
+  return out.to(mask.scalar_type());
+}
+
+TEST(SegmentedMask, MatchesStableSortsOnTiesForGroupsAndRows) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> small(-3, 3), coin(0, 3);
+  for (at::ScalarType type : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
+    for (int64_t cols : {8, 40, 296}) {  // multiples of every group size below
+      at::Tensor scores = at::empty({7, cols}, at::kDouble);
+      at::Tensor mask = at::empty({7, cols}, at::kFloat);
+      for (int64_t i = 0; i < scores.numel(); ++i) {
+        scores.data_ptr<double>()[i] = small(rng) * 0.5;  // heavy ties, +-0
+        mask.data_ptr<float>()[i] = coin(rng) == 0 ? 0.0f : 1.0f;
+      }
+      scores = scores.to(type);
+      struct Case { int64_t group, count; double fraction; bool keep; };
+      for (const Case c : {Case{4, 2, 0.0, true}, Case{8, 1, 0.0, true}, Case{0, -1, 0.5, false},
+                           Case{0, 3, 0.0, false}, Case{0, -1, 1.0, false}}) {
+        const at::Tensor out = segmented_mask(scores, mask, c.group == 0 ? 0 : 1, c.group, c.count,
+                                              c.fraction, c.keep);
+        // (group 0 along dim 0: the slices are the rows)
+        const at::Tensor expected =
+            reference_segmented(scores, mask, c.group, c.count, c.fraction, c.keep);
+        EXPECT_TRUE(at::equal(out, expected))
+            << "dtype " << type << " cols " << cols << " group " << c.group;
+      }
+    }
+  }
+}
+
+TEST(SegmentedMask, CountAboveLiveIsAValueErrorNamingTheSegment) {
+  at::Tensor mask = at::ones({3, 50});
+  mask[1].narrow(0, 0, 10).zero_();
+  try {
+    segmented_mask(at::randn({3, 50}), mask, 0, 0, 45, 0.0, false);
+    FAIL() << "expected a ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot prune 45 entries of segment 1, which has 40 live"),
+              std::string::npos)
+        << e.what();
   }
 }
 
