@@ -244,8 +244,6 @@ struct Table {
   int size() const { return static_cast<int>(segs.size()); }
 };
 
-uint64_t one_bits(at::ScalarType type);
-
 Table segment_table(const std::vector<Operand>& ops) {
   Table t;
   for (const Operand& op : ops) {
