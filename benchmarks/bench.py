@@ -471,6 +471,7 @@ def run_workload(w, dtype, device, quick, repeats, bandwidth, peak, fresh_cost=0
         m = w.fresh(ref_prune, state)
         _patched_run(w)(m)
         ok = ok and masks_equal(done["fastprune"], _masks(m))
+    del done, m  # the checks' modules: a user's process would not keep them alive during the rounds
     row = {"workload": w.name, "note": w.note, "numel": sum(p.numel() for p in state.parameters()),
            "masks_agree": ok}
     for side, times in time_interleaved(w, state, repeats).items():
