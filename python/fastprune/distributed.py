@@ -411,7 +411,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         seed = entries[0][4]
         for p in pieces:
             p.scores = uniform_draws(seed, p.positions()).to(p.mask.device)
-    new = select(pieces, comm, lambda n: prune._global_count(amount, n), only_ones=True,
+    new = select(pieces, comm, lambda n: prune._checked_count(amount, n), only_ones=True,
                  largest=path.random, dtype=torch.float64 if path.random else prepared.dtype,
                  total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]

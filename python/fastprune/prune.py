@@ -805,10 +805,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         Returns:
             torch.Tensor: a new mask with ``default_mask``'s dtype.
         """
-        n = t.nelement()
-        k = _compute_nparams_toprune(self.amount, n)
-        _validate_pruning_amount(k, n)
-        _check_count(k)
+        k = _checked_count(self.amount, t.nelement())
         if k == 0:
             return default_mask.clone()
         return _select(_magnitude_scores(t), default_mask, count=k)
@@ -1492,8 +1489,9 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
                            device=scores[0].device if scores else None)
 
 
-def _global_count(amount, n):
-    """k of a global prune with ``n`` candidates, validated as the reference does."""
+def _checked_count(amount, n):
+    """k for ``amount`` of ``n`` candidates, validated as the reference's
+    L1 prune does (its amount check, then what its ``topk`` rejects)."""
     k = _compute_nparams_toprune(amount, n)
     _validate_pruning_amount(k, n)
     _check_count(k)
@@ -1590,7 +1588,7 @@ def _magnitude_masks(amount, currents, scores, masks):
     scores, dtype, olds = _kernel_operands(currents, scores, masks)
     if any(dtensor.is_dtensor(s) for s in scores):
         new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _global_count(amount, n), only_ones=True)
+                                   lambda n: _checked_count(amount, n), only_ones=True)
         return [m.to(dtype) for m in new]
     if isinstance(amount, float) and 0.0 <= amount <= 1.0:
         # The kernel computes round(amount * candidates) exactly as Python does.
@@ -1612,7 +1610,7 @@ def _random_masks(amount, currents, scores, masks):
     scores, dtype, olds = _kernel_operands(currents, scores, masks)
     if any(dtensor.is_dtensor(s) for s in scores):
         new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _global_count(amount, n), only_ones=True,
+                                   lambda n: _checked_count(amount, n), only_ones=True,
                                    largest=True, random=True)
         return [m.to(dtype) for m in new]
     k, n, counts = _candidate_count(amount, currents, masks)
