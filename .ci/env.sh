@@ -9,4 +9,4 @@ TORCH_VERSION="${FASTPRUNE_TORCH:-2.13.0}"
 source "$ROOT/.ci/venv.sh"
 venv_with_torch "$VENV" "$TORCH_VERSION" numpy pytest hypothesis matplotlib setuptools wheel pytorch_lightning
 echo "== building fastprune"
-(cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
+(cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .)

@@ -9,11 +9,15 @@ venv_with_torch() {
     python3 -m venv "$dir"
   fi
   PY="$dir/bin/python"
-  if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
+  # A fastprune left installed (editable) from a checkout that is gone makes
+  # torch's extension autoload, and so 'import torch', fail: set-up loads no
+  # extensions (and env.sh's build re-points the install to this checkout).
+  local noload="TORCH_DEVICE_BACKEND_AUTOLOAD=0"
+  if ! env "$noload" "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
     echo "== installing torch==$version"
-    "$PY" -m pip install -q "torch==$version"
+    env "$noload" "$PY" -m pip install -q "torch==$version"
   fi
-  if ! "$PY" -c "import $(IFS=,; echo "$*")" 2>/dev/null; then
-    "$PY" -m pip install -q "$@"
+  if ! env "$noload" "$PY" -c "import $(IFS=,; echo "$*")" 2>/dev/null; then
+    env "$noload" "$PY" -m pip install -q "$@"
   fi
 }
