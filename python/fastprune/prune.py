@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import dtensor, ops
+from . import dtensor, fsdp, ops
 
 __all__ = [
     "BasePruningMethod",
@@ -106,6 +106,8 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             module (nn.Module): the module holding the pruned tensor.
             inputs: the forward inputs (unused).
         """
+        if self._tensor_name in module._parameters:
+            return  # pruned in place (an FSDP2 parameter, see fastprune.fsdp)
         setattr(module, self._tensor_name, self.apply_mask(module))
         _remember_module(self, module)
 
@@ -135,7 +137,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if self._tensor_name is None:
             raise AssertionError(f"Module {module} has to be pruned")
         name = self._tensor_name
-        orig = getattr(module, name + "_orig")
+        orig = getattr(module, name if name in module._parameters else name + "_orig")
         return _masked_product(getattr(module, name + "_mask").to(dtype=orig.dtype), orig)
 
     @classmethod
@@ -165,6 +167,9 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         found = [key for key, hook in hooks.items()
                  if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
         current = module.__dict__.get(name, module._parameters.get(name))
+        in_fsdp = fsdp.record(module, name) if name in module._parameters else None
+        if in_fsdp is not None:
+            fsdp.check(module, name, in_fsdp)
         if dtensor.is_dtensor(current) and cls not in (Identity, CustomFromMask):
             # Methods that run collectives: every rank must make the same call.
             chain = [type(hook).__name__ for key in found for hook in
@@ -206,18 +211,22 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
                     current = current.clone()
                 default_mask = current
             else:
-                module.register_parameter(name + "_orig", orig)
-                del module._parameters[name]
+                if in_fsdp is None:
+                    module.register_parameter(name + "_orig", orig)
+                    del module._parameters[name]
                 default_mask = _first_mask(method, orig, importance_scores)
 
             mask = method.compute_mask(importance_scores, default_mask=default_mask)
             module.register_buffer(name + "_mask", mask)
             assigned = True
-            setattr(module, name, method.apply_mask(module))
+            if in_fsdp is None:
+                setattr(module, name, method.apply_mask(module))
             module.register_forward_pre_hook(method)
         except BaseException:
             saved.restore(reassigned=[name] if assigned else ())
             raise
+        if in_fsdp is not None:
+            fsdp.hold(module, name, in_fsdp)  # last: it changes the values
         _remember_module(method, module)
         return method
 
@@ -258,6 +267,10 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             raise AssertionError(
                 f"Module {module} has to be pruned before pruning can be removed")
         name = self._tensor_name
+        if name in module._parameters:  # pruned in place: the values are already pruned
+            fsdp.release(module, name)
+            del module._buffers[name + "_mask"]
+            return
         pruned = self.apply_mask(module)
         if hasattr(module, name):
             delattr(module, name)
@@ -1509,16 +1522,17 @@ def _apply_global_masks(parameters, own_masks, masks):
     saved = {key: _ModuleSnapshot(module, module_names) for key, (module, module_names) in names.items()}
     done = []
     try:
-        for i, (module, name) in enumerate(parameters):
-            _ADOPTABLE_MASKS.add(id(own_masks[i]))
-            try:
-                custom_from_mask(module, name, mask=own_masks[i])
-            finally:
-                _ADOPTABLE_MASKS.discard(id(own_masks[i]))
-            own_masks[i] = None
-            if masks[i] is None:
-                _share_first_mask(module, name)
-            done.append((module, name))
+        with fsdp.deferred():  # FSDP2 parameters change values only once all succeeded
+            for i, (module, name) in enumerate(parameters):
+                _ADOPTABLE_MASKS.add(id(own_masks[i]))
+                try:
+                    custom_from_mask(module, name, mask=own_masks[i])
+                finally:
+                    _ADOPTABLE_MASKS.discard(id(own_masks[i]))
+                own_masks[i] = None
+                if masks[i] is None:
+                    _share_first_mask(module, name)
+                done.append((module, name))
     except BaseException:
         # All or nothing: undo the parameters pruned before the failure.
         for key, snapshot in saved.items():
