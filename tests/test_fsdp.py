@@ -7,6 +7,8 @@ same model in one process (each rank builds it). One spawn per world size
 runs every check, since spawning costs seconds of imports."""
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch.testing import assert_close
 
 import fastprune.prune as FAST
 from dist_util import run_ranks
+from readme_util import readme_block
 
 VOCAB, DIM, HIDDEN, BLOCKS = 13, 10, 22, 3
 
@@ -210,8 +213,9 @@ def load_and_check(rank, world, path, state, expected):
 
 
 def per_tensor_and_tied(rank, world):
-    """Per-tensor methods equal the reference; a tied parameter is refused
-    and a global prune that meets one changes nothing."""
+    """Per-tensor methods equal the reference; writes outside an optimizer are
+    masked before the next forward; mixed precision keeps the zeros; a tied
+    parameter is refused and a global prune that meets one changes nothing."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -238,9 +242,28 @@ def per_tensor_and_tied(rank, world):
                 m.weight.to_local().fill_(1.0)
     assert_close(model(tokens(3)), ref(tokens(3)))
 
+    # Mixed precision: FSDP2 gathers bf16 copies of the pruned fp32 shards.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mixed = Tiny()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in mixed.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(mixed, mesh=mesh, mp_policy=policy)
+    opt = torch.optim.AdamW(mixed.parameters(), lr=1e-2)
+    FAST.global_unstructured(linears(mixed), FAST.L1Unstructured, amount=0.5)
+
+    def grads_zero_where_pruned():
+        for m, _ in linears(mixed):
+            assert (m.weight.grad.to_local()[m.weight_mask.to_local() == 0] == 0).all()
+
+    train([(mixed, opt)], range(3), check=grads_zero_where_pruned)
+    assert_pruned_zero(mixed)
+
     tied = nn.Sequential(nn.Linear(4, 5), nn.Linear(4, 4), nn.Linear(4, 4))
     tied[2].weight = tied[1].weight
-    fully_shard(tied, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(tied, mesh=mesh)
     before = tied[0].weight.full_tensor()
     with pytest.raises(NotImplementedError, match="tied"):
         FAST.global_unstructured([(tied[0], "weight"), (tied[2], "weight")], FAST.L1Unstructured, amount=0.5)
@@ -266,3 +289,17 @@ def load_other(rank, world, load_dir):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_per_tensor_and_tied(world):
     run_ranks(world, per_tensor_and_tied)
+
+
+def test_readme_fsdp_recipe_runs(tmp_path):
+    """The README's recipe, as written, under torchrun with 2 processes."""
+    script = tmp_path / "fsdp_prune.py"
+    script.write_text(readme_block("<!-- recipe: fsdp -->"))
+    logs = tmp_path / "logs"  # one stdout file per rank: prints do not interleave
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--log-dir", str(logs), "--redirects", "1", str(script)],
+                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    printed = sorted(f.read_text().split() for f in logs.rglob("stdout.log"))
+    assert printed == [["0", "DTensor", "0.5"], ["1", "DTensor", "0.5"]], printed

@@ -6,9 +6,6 @@ implementation: each segment (a group of m entries along the dim, or a whole
 slice) is ordered by a stable sort of its live entries by magnitude (NaN
 last, lower index first among equals), and its first k are pruned.
 """
-import re
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +16,8 @@ import fastprune.prune as FAST
 from fastprune.ops import segmented_mask
 
 from conftest import FLOAT_DTYPES, assert_bitwise_equal, assert_same_snapshot, select_oracle, snapshot, tie_free
+from readme_util import readme_block
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------
@@ -536,16 +533,9 @@ def test_replaced_compute_mask_is_called():
 # The README's CPU recipe, run as written
 # ----------------------------------------------------------------------------
 
-def _readme_block(marker):
-    text = (ROOT / "README.md").read_text()
-    start = text.index(marker)
-    block = re.search(r"```python\n(.*?)```", text[start:], re.S)
-    return textwrap.dedent(block.group(1))
-
-
 def test_readme_wanda_recipe_runs():
     env = {}
-    exec(compile(_readme_block("<!-- recipe: wanda -->"), "README-wanda", "exec"), env)
+    exec(compile(readme_block("<!-- recipe: wanda -->"), "README-wanda", "exec"), env)
     model = env["model"]
     for block in model.blocks:
         for lin in (block.fc1, block.fc2):

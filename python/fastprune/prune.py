@@ -13,7 +13,9 @@ with these differences (docs/behaviour.md §Differences says why):
   included), ``PruningContainer`` accepts several methods,
   ``global_unstructured`` accepts any iterable, keeps no model-sized tensor
   alive, and works on the meta device and above 2**31 elements;
-* ``copy.deepcopy`` works on modules pruned under grad mode.
+* ``copy.deepcopy`` works on modules pruned under grad mode;
+* parameters of FSDP2 (``fully_shard``) models are pruned in place, without
+  ``<name>_orig`` (see :mod:`fastprune.fsdp`).
 
 Every class here also derives from its namesake in ``torch.nn.utils.prune``
 (``isinstance(fastprune.prune.L1Unstructured(1), torch.nn.utils.prune.L1Unstructured)``),
