@@ -213,7 +213,8 @@ def load_and_check(rank, world, path, state, expected):
 
 
 def per_tensor_and_tied(rank, world):
-    """Per-tensor methods equal the reference; writes outside an optimizer are
+    """Per-tensor methods equal the reference (N:M and per-channel: fastprune
+    in one process); writes outside an optimizer are
     masked before the next forward; mixed precision keeps the zeros; a tied
     parameter is refused and a global prune that meets one changes nothing."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -227,6 +228,11 @@ def per_tensor_and_tied(rank, world):
         lib.ln_structured(m.blocks[1].down, "weight", amount=0.5, n=2, dim=0)
         lib.ln_structured(m.blocks[2].q, "weight", amount=3, n=1, dim=1)
         lib.l1_unstructured(m.blocks[0].up, "weight", amount=5)  # a container
+    for m in (ref, model):  # fastprune-only methods: local to each Shard(0) shard
+        FAST.l1_semi_structured(m.blocks[1].q, "weight", n=2, m=5)
+        FAST.l1_semi_structured(m.blocks[2].down, "weight", n=1, m=2)
+        FAST.channelwise_l1_unstructured(m.blocks[2].up, "weight", amount=0.5, dim=0)
+        FAST.channelwise_l1_unstructured(m.blocks[2].up, "weight", amount=1, dim=0)  # a container
     for (r, _), (m, _) in zip(linears(ref), linears(model)):
         if hasattr(r, "weight_mask"):
             assert torch.equal(m.weight_mask.full_tensor(), r.weight_mask)
@@ -260,6 +266,17 @@ def per_tensor_and_tied(rank, world):
 
     train([(mixed, opt)], range(3), check=grads_zero_where_pruned)
     assert_pruned_zero(mixed)
+
+    # Segments that would straddle shards are refused; nothing changes.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    cols = nn.Linear(8, 4)
+    cols.weight = nn.Parameter(distribute_tensor(cols.weight.detach(), mesh, [Shard(1)]))
+    with pytest.raises(NotImplementedError, match="span several ranks"):
+        FAST.l1_semi_structured(cols, "weight")
+    with pytest.raises(NotImplementedError, match="span several ranks"):
+        FAST.channelwise_l1_unstructured(cols, "weight", amount=0.5, dim=0)
+    assert not FAST.is_pruned(cols) and list(cols._parameters) == ["weight", "bias"]
 
     tied = nn.Sequential(nn.Linear(4, 5), nn.Linear(4, 4), nn.Linear(4, 4))
     tied[2].weight = tied[1].weight

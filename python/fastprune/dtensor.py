@@ -21,7 +21,7 @@ import numbers
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from . import distributed, ops
@@ -230,6 +230,32 @@ def channel_mask(t, dim, keep, mask):
     shape[dim] = -1
     part = keep[offset[dim]:offset[dim] + local.shape[dim]]
     return _like(local * part.to(device=local.device, dtype=t.dtype).view(shape), mask)
+
+
+def local_segments(t, mask, dim, whole_slices, select):
+    """The mask of the DTensor scores ``t`` (its current mask ``mask``, a
+    DTensor alike) computed segment by segment where every segment lies in
+    one rank's shard: ``select(scores, mask)`` on the local shards, no
+    collective.
+
+    Segments are runs along ``dim`` (N:M groups: ``dim`` must not be sharded)
+    or whole slices ``t.select(dim, i)`` (only ``dim`` may be sharded): with
+    ``Shard(0)`` (FSDP2's placement) both hold for 2:4 along the last dim and
+    for per-row slices.
+
+    Returns:
+        A DTensor with ``t``'s mesh and placements.
+    """
+    _layout(t)  # refuses Partial placements
+    dim %= t.dim()
+    sharded = {p.dim % t.dim() for p in t.placements if isinstance(p, Shard)}
+    if (sharded - {dim}) if whole_slices else (dim in sharded):
+        what = f"slices along dim {dim}" if whole_slices else f"groups along dim {dim}"
+        raise NotImplementedError(
+            f"fastprune: {what} would span several ranks' shards of a DTensor with placements "
+            f"{t.placements}; N:M groups need their dim unsharded, per-channel slices every other "
+            "dim unsharded (Shard(0) works for both along the usual dims)")
+    return _like(select(t.to_local().detach(), mask.to_local().detach()), t)
 
 
 def describe(v):

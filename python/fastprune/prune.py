@@ -1236,9 +1236,9 @@ def _segmented_select(t, mask, **kwargs):
     its live entries those at 1 (a complex mask, of a complex parameter, is
     read through them: the kernel takes real masks)."""
     if dtensor.is_dtensor(t) or dtensor.is_dtensor(mask):
-        raise NotImplementedError(
-            "fastprune: L1SemiStructured and ChannelwiseL1Unstructured do not support DTensor "
-            "parameters yet; prune the unsharded tensor, or use l1_unstructured / ln_structured")
+        dtensor.check_like(mask, t, "the mask")
+        return dtensor.local_segments(t, mask, kwargs["dim"], whole_slices=not kwargs.get("group"),
+                                      select=lambda s, m: _segmented_select(s, m, **kwargs))
     scores = _magnitude_scores(t)
     if scores.device != mask.device:
         scores = scores.to(mask.device)
