@@ -125,8 +125,8 @@ def fsdp_rank_main(rank, world, layers, which, steps=5):
     (time, peak RSS of the process and its rise during the prune, bytes sent,
     and a digest of the local masks and pruned local values), or "train"
     (see :func:`_train_cost`). fastprune's bytes are ``traffic()``: its
-    histogram all-reduces (the all_gather_object of about 2 KB that checks
-    that the ranks made the same call counts as a collective, not in bytes)."""
+    histogram all-reduces and the object gather that checks that the ranks
+    made the same call."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import fastprune.distributed as D

@@ -101,6 +101,7 @@ def train(pairs, steps, check=None):
 def prune_train_checkpoint(rank, world, save_dir, load_dir):
     from torch.distributed.tensor import DTensor
     import torch.distributed.checkpoint as dcp
+    import fastprune.distributed as D
 
     torch.manual_seed(0)
     ref = Tiny()
@@ -120,7 +121,12 @@ def prune_train_checkpoint(rank, world, save_dir, load_dir):
 
     # Global L1 0.5 after wrapping: the single-process masks, bit for bit.
     REF.global_unstructured(linears(ref), REF.L1Unstructured, amount=0.5)
+    D.reset_traffic()
     FAST.global_unstructured(linears(model), FAST.L1Unstructured, amount=0.5)
+    # What travelled: 3 histograms (fp32 keys: 3 digit passes of 16 KiB) and
+    # small pickles (the call check; tie counts if the threshold is tied).
+    sent = D.traffic()
+    assert 3 * 16384 < sent["bytes"] < 4 * 16384 and sent["collectives"] >= 4, sent
     for (r, _), (m, _) in zip(linears(ref), linears(model)):
         assert isinstance(m.weight, DTensor) and isinstance(m.weight_mask, DTensor)
         assert m.weight_mask.placements == m.weight.placements and "weight_orig" not in m._parameters
@@ -132,7 +138,10 @@ def prune_train_checkpoint(rank, world, save_dir, load_dir):
     head = model.head
     with pytest.raises(RuntimeError, match="unsharded"):
         FAST.l1_unstructured(head, "weight", amount=0.1)
+    with pytest.raises(RuntimeError, match="unsharded"):
+        FAST.global_unstructured(linears(model), FAST.L1Unstructured, amount=0.1)
     assert list(head._buffers) == ["weight_mask"] and len(head._forward_pre_hooks) == 1
+    assert all(len(m._forward_pre_hooks) == 1 for m, _ in linears(model))
 
     # Training: the reference's gradients (zero where pruned), zeros held.
     def same_grads():

@@ -24,6 +24,7 @@ rank's entries. See docs/distributed.md for the design.
 import dataclasses
 import math
 import numbers
+import pickle
 import struct
 from typing import List, Optional, Sequence
 
@@ -46,7 +47,8 @@ def traffic() -> dict:
     Returns:
         dict with ``collectives`` (calls made) and ``bytes`` (payload bytes this
         rank contributed: a histogram all-reduce counts its 16 KiB once per
-        process group it is summed over).
+        process group it is summed over; an object gather, the pickle of what
+        this rank sends).
     """
     return dict(_TRAFFIC)
 
@@ -97,6 +99,7 @@ class Comm:
             out = [None] * dist.get_world_size(g)
             dist.all_gather_object(out, items, group=g)
             _TRAFFIC["collectives"] += 1
+            _TRAFFIC["bytes"] += len(pickle.dumps(items))  # what all_gather_object sends
             items = [x for part in out for x in part]
         return items
 

@@ -1432,8 +1432,12 @@ def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs
         parameters = list(parameters)
         try:
             tensors = [getattr(module, name, None) for module, name in parameters]
+            found = [(module, name, fsdp.record(module, name)) for module, name in parameters]
         except Exception:  # malformed pairs: _prepare_global raises the reference's error
-            tensors = []
+            tensors, found = [], []
+        for module, name, in_fsdp in found:
+            if in_fsdp is not None:  # the same on every rank: no agreement needed
+                fsdp.check(module, name, in_fsdp)
     mesh_tensor = dtensor.first_of_one_mesh(tensors)
     if mesh_tensor is None:
         return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
