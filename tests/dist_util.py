@@ -1,5 +1,6 @@
-"""Run a function on several local processes joined by a gloo process group
-(127.0.0.1, a free port), with a timeout: a hang fails instead of stalling."""
+"""Run a function on several local processes joined by a process group (gloo
+unless told otherwise; 127.0.0.1, a free port), with a timeout: a hang fails
+instead of stalling."""
 import io
 import multiprocessing
 import os
@@ -16,11 +17,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world, port, queue, args):
+def _child(fn, rank, world, port, queue, args, backend):
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         buffer = io.BytesIO()  # tensors as plain bytes: no shared memory outliving the child
         torch.save(result, buffer)
@@ -30,13 +31,13 @@ def _child(fn, rank, world, port, queue, args):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(world, fn, *args, timeout=180):
+def run_ranks(world, fn, *args, timeout=180, backend="gloo"):
     """fn(rank, world, *args) on `world` processes; returns the results by rank.
     Raises AssertionError with every failing rank's traceback."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, args)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, args, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []

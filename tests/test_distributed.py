@@ -1,6 +1,9 @@
 """Pruning across processes: every rank's masks equal, bit for bit, the
 single-process fastprune result on the whole model. Each world size is one
 spawn running every check (spawning costs seconds of imports)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -380,3 +383,17 @@ def _dtensor_error_checks(rank, world, D):
         with pytest.raises(D.DistributedPruningError, match="different calls"):
             D.global_unstructured([(plain_layers[i], "weight") for i in range(len(SIZES))], method, amount=0.5)
         _untouched(plain_layers)
+
+
+def test_plain_prunes_do_not_import_dtensor_support():
+    """DTensor and FSDP2 support costs about a second of imports (sympy
+    included); a process that prunes plain tensors never pays it."""
+    code = ("import sys, torch.nn as nn, fastprune.prune as P\n"
+            "m = nn.Linear(8, 8)\n"
+            "P.l1_unstructured(m, 'weight', 0.5)\n"
+            "P.global_unstructured([(m, 'weight')], P.L1Unstructured, amount=0.2)\n"
+            "P.remove(m, 'weight')\n"
+            "print(*(name in sys.modules for name in ('torch.distributed.tensor', 'torch.distributed.fsdp')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "False"]

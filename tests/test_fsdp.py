@@ -63,11 +63,11 @@ def loss(model, seed):
     return model(tokens(seed)).square().mean()
 
 
-def wrapped(model, world):
+def wrapped(model, world, device="cpu"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device, (world,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -150,8 +150,9 @@ def prune_train_checkpoint(rank, world, save_dir, load_dir):
             assert (grad[r.weight_mask == 0] == 0).all()
             assert_close(grad, r.weight_orig.grad)
 
-    train([(ref, ref_opt), (model, opt)], range(5), check=same_grads)
-    assert_pruned_zero(model)
+    for step in range(5):
+        train([(ref, ref_opt), (model, opt)], [step], check=same_grads)
+        assert_pruned_zero(model)
     assert_close(model(tokens(99)), ref(tokens(99)), rtol=1e-4, atol=1e-5)
     model.reshard()
 
@@ -315,6 +316,37 @@ def load_other(rank, world, load_dir):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_per_tensor_and_tied(world):
     run_ranks(world, per_tensor_and_tied)
+
+
+def cuda_one_rank(rank, world):
+    """FSDP2 on a CUDA mesh with NCCL (one rank: the GPU machine has one GPU):
+    the CUDA select passes, the hooks on FSDP2's CUDA streams."""
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    ref = Tiny()
+    model = wrapped(copy.deepcopy(ref).cuda(), world, "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    REF.global_unstructured(linears(ref), REF.L1Unstructured, amount=0.5)
+    FAST.global_unstructured(linears(model), FAST.L1Unstructured, amount=0.5)
+    for (r, _), (m, _) in zip(linears(ref), linears(model)):
+        assert torch.equal(m.weight_mask.full_tensor().cpu(), r.weight_mask)
+    assert_close(model(tokens(99).cuda()).cpu(), ref(tokens(99)))
+    model.reshard()
+    for step in range(3):
+        opt.zero_grad()
+        model(tokens(step).cuda()).square().mean().backward()
+        opt.step()
+        torch.cuda.synchronize()
+        assert_pruned_zero(model)
+    model.reshard()
+    for m, name in linears(model):
+        FAST.remove(m, name)
+    assert not FAST.is_pruned(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_cuda_nccl():
+    run_ranks(1, cuda_one_rank, backend="nccl")
 
 
 def test_readme_fsdp_recipe_runs(tmp_path):

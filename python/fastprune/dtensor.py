@@ -18,17 +18,20 @@ hanging.
 """
 import math
 import numbers
+import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from . import distributed, ops
 
 
 def is_dtensor(t):
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor. Without importing DTensor support (a second
+    of imports, sympy included): while nothing has imported it, no DTensor
+    exists."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
 
 
 def ones_like(t):
@@ -44,6 +47,8 @@ def assign(param, value):
 
 
 def _like(local, t):
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
                               stride=t.stride())
 
@@ -70,9 +75,11 @@ def _layout(t):
     mesh = t.device_mesh
     if any(p.is_partial() for p in t.placements):
         raise NotImplementedError(f"fastprune: DTensors with Partial placements cannot be pruned, got {t.placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     _, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
     coord = mesh.get_coordinate()
-    owner = all(coord[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate))
+    owner = all(coord[d] == 0 for d, p in enumerate(t.placements) if p.is_replicate())
     return tuple(offset), owner
 
 
@@ -248,7 +255,7 @@ def local_segments(t, mask, dim, whole_slices, select):
     """
     _layout(t)  # refuses Partial placements
     dim %= t.dim()
-    sharded = {p.dim % t.dim() for p in t.placements if isinstance(p, Shard)}
+    sharded = {p.dim % t.dim() for p in t.placements if p.is_shard()}
     if (sharded - {dim}) if whole_slices else (dim in sharded):
         what = f"slices along dim {dim}" if whole_slices else f"groups along dim {dim}"
         raise NotImplementedError(

@@ -29,18 +29,11 @@ internals read (the state registry, ``FSDPParam`` records) are private torch
 API, checked against the pinned torch by the tests.
 """
 import contextlib
+import sys
 import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-
-try:
-    from torch.distributed._composable_state import _module_state_mapping
-    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-except ImportError:  # torch built without distributed: nothing is FSDP2-managed
-    _module_state_mapping = {}
-    FSDPState = ShardedState = None
 
 # The sharded parameters held pruned -> (weakref to the module, name, the
 # gradient hook's handle).
@@ -54,9 +47,14 @@ _DEFERRED = None
 def record(module, name):
     """FSDP2's ``(FSDPParam, FSDPState)`` for ``module.<name>``, or None
     when FSDP2 does not manage that parameter."""
+    fsdp_state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
+    if fsdp_state is None:  # FSDP2 never imported (importing it here would cost every prune)
+        return None
+    from torch.distributed._composable_state import _module_state_mapping
+
     for ref in list(_module_state_mapping.values()):
         state = ref()
-        if not isinstance(state, FSDPState):
+        if not isinstance(state, fsdp_state.FSDPState):
             continue
         for group in state._fsdp_param_groups:
             for fsdp_param in group.fsdp_params:
@@ -70,6 +68,8 @@ def record(module, name):
 
 def check(module, name, found):
     """Raise unless ``module.<name>`` (FSDP2's ``found`` record) can be pruned now."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
     fsdp_param, _ = found
     if fsdp_param._module_info.shared_modules:
         raise NotImplementedError(

@@ -89,7 +89,7 @@ print(";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in ra
 fi
 
 # The CUDA tests: every CUDA file, and the CUDA cases of the others.
-TESTS="tests/test_cuda.py tests/test_cuda_prune.py tests/test_ops.py tests/test_errors.py tests/test_semi_structured.py"
+TESTS="tests/test_cuda.py tests/test_cuda_prune.py tests/test_ops.py tests/test_errors.py tests/test_semi_structured.py tests/test_fsdp.py"
 PYTEST_TIMEOUT=""
 if [ "$DRY" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then PYTEST_TIMEOUT="--timeout=100"; fi
 
