@@ -66,8 +66,12 @@ def record(module, name):
     return None
 
 
-def check(module, name, found):
-    """Raise unless ``module.<name>`` (FSDP2's ``found`` record) can be pruned now."""
+def prunable(module, name):
+    """:func:`record` of ``module.<name>`` after checking that it can be
+    pruned now (None when FSDP2 does not manage it)."""
+    found = record(module, name)
+    if found is None:
+        return None
     from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 
     fsdp_param, _ = found
@@ -81,6 +85,7 @@ def check(module, name, found):
             f"fastprune: FSDP2 holds parameter '{name}' of {type(module).__name__} unsharded now "
             "(inside forward or backward, or after a forward with reshard_after_forward=False); "
             "prune it while it is sharded, e.g. after calling reshard() on its fully_shard module")
+    return found
 
 
 def hold(module, name, found):

@@ -108,8 +108,8 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             module (nn.Module): the module holding the pruned tensor.
             inputs: the forward inputs (unused).
         """
-        if self._tensor_name in module._parameters:
-            return  # pruned in place (an FSDP2 parameter, see fastprune.fsdp)
+        if _in_place(module, self._tensor_name):
+            return  # nothing to recompute
         setattr(module, self._tensor_name, self.apply_mask(module))
         _remember_module(self, module)
 
@@ -139,7 +139,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if self._tensor_name is None:
             raise AssertionError(f"Module {module} has to be pruned")
         name = self._tensor_name
-        orig = getattr(module, name if name in module._parameters else name + "_orig")
+        orig = getattr(module, name if _in_place(module, name) else name + "_orig")
         return _masked_product(getattr(module, name + "_mask").to(dtype=orig.dtype), orig)
 
     @classmethod
@@ -169,9 +169,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         found = [key for key, hook in hooks.items()
                  if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
         current = module.__dict__.get(name, module._parameters.get(name))
-        in_fsdp = fsdp.record(module, name) if name in module._parameters else None
-        if in_fsdp is not None:
-            fsdp.check(module, name, in_fsdp)
+        in_fsdp = fsdp.prunable(module, name) if name in module._parameters else None
         if dtensor.is_dtensor(current) and cls not in (Identity, CustomFromMask):
             # Methods that run collectives: every rank must make the same call.
             chain = [type(hook).__name__ for key in found for hook in
@@ -269,7 +267,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             raise AssertionError(
                 f"Module {module} has to be pruned before pruning can be removed")
         name = self._tensor_name
-        if name in module._parameters:  # pruned in place: the values are already pruned
+        if _in_place(module, name):  # the values are already pruned
             fsdp.release(module, name)
             del module._buffers[name + "_mask"]
             return
@@ -313,6 +311,13 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if copying_module:
             _remember_module(new, memo[id(module)])
         return new
+
+
+def _in_place(module, name):
+    """Whether the pruned tensor ``module.<name>`` is pruned in place (an
+    FSDP2 parameter, see :mod:`fastprune.fsdp`): it is still a registered
+    parameter, where the reference's layout moved it to ``<name>_orig``."""
+    return name in module._parameters
 
 
 class _ModuleSnapshot:
@@ -1432,12 +1437,11 @@ def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs
         parameters = list(parameters)
         try:
             tensors = [getattr(module, name, None) for module, name in parameters]
-            found = [(module, name, fsdp.record(module, name)) for module, name in parameters]
         except Exception:  # malformed pairs: _prepare_global raises the reference's error
-            tensors, found = [], []
-        for module, name, in_fsdp in found:
-            if in_fsdp is not None:  # the same on every rank: no agreement needed
-                fsdp.check(module, name, in_fsdp)
+            tensors = []
+        else:
+            for module, name in parameters:  # FSDP2's state is the same on every rank
+                fsdp.prunable(module, name)
     mesh_tensor = dtensor.first_of_one_mesh(tensors)
     if mesh_tensor is None:
         return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
