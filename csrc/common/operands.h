@@ -10,6 +10,8 @@
 #include <numeric>
 #include <vector>
 
+#include "select.h"
+
 namespace fastprune {
 
 // A stride-0 expand of one value over every entry (read without materializing).
@@ -123,6 +125,16 @@ inline void check_tie_window(const char* op, int64_t skip, int64_t take) {
   TORCH_CHECK(
       skip >= 0 && take >= 0, op, ": skip and take must be non-negative, got ",
       skip, " and ", take);
+}
+
+// k of a select over n candidates: `count`, or round(fraction * n) when
+// count < 0; more than n is a ValueError.
+inline int64_t prune_count(int64_t count, double fraction, int64_t n) {
+  const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
+  TORCH_CHECK_VALUE(
+      k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
+      " candidates");
+  return k;
 }
 
 // Checks what all tensors of one select must share.

@@ -85,14 +85,6 @@ class UnstructuredSelect {
   }
 
  private:
-  static int64_t prune_count(int64_t count, double fraction, int64_t n) {
-    const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
-    TORCH_CHECK_VALUE(
-        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
-        " candidates");
-    return k;
-  }
-
   // One pass instead of two or more, exact but for speed a bet on a sample:
   // a strided sample of the candidates' keys brackets the threshold key in
   // [lo, hi) with a wide margin (kZ standard deviations of the sample rank);

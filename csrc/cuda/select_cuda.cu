@@ -339,10 +339,7 @@ class UnstructuredSelect {
     histogram(0, 0);
     const int64_t* total = total_.const_data_ptr<int64_t>();
     const int64_t n = std::accumulate(total, total + kRadixBins, int64_t{0});
-    const int64_t k = count >= 0 ? count : round_half_even(fraction, n);
-    TORCH_CHECK_VALUE(
-        k <= n, "fastprune: cannot prune ", k, " entries out of ", n,
-        " candidates");
+    const int64_t k = prune_count(count, fraction, n);
     if (k == 0) {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
