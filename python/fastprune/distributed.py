@@ -103,34 +103,35 @@ class Comm:
             items = [x for part in out for x in part]
         return items
 
-    def agree(self, signature, error):
+    def agree(self, signature, error, extra=None):
         """Check that every rank made the same call.
 
         Args:
             signature: a tuple every rank must share (a picklable value).
             error: the exception this rank hit while preparing, or None.
+            extra: anything picklable this rank tells the others.
 
         Returns:
-            the signatures of every rank, in gather order.
+            every rank's ``extra``, in gather order (for one group: its ranks' order).
 
         Raises:
             the local ``error`` itself; or DistributedPruningError naming the
             first failing rank or the first mismatch, on every rank.
         """
         rank = dist.get_rank()
-        entries = self.gather_objects((rank, signature, None if error is None else repr(error)))
+        entries = self.gather_objects((rank, signature, None if error is None else repr(error), extra))
         if error is not None:
             raise error
-        for other, sig, err in entries:
+        for other, sig, err, _ in entries:
             if err is not None:
                 raise DistributedPruningError(
                     f"fastprune.distributed: rank {other} failed, so no rank pruned: {err}")
-        for other, sig, _ in entries:
+        for other, sig, _, _ in entries:
             if sig != entries[0][1]:
                 raise DistributedPruningError(
                     "fastprune.distributed: the ranks made different calls "
                     f"(rank {entries[0][0]}: {_describe(entries[0][1])}; rank {other}: {_describe(sig)})")
-        return entries
+        return [e[3] for e in entries]
 
 
 def _describe(sig):
@@ -146,8 +147,9 @@ class Piece:
         mask: the local current mask, same shape (a broadcast one is fine).
         start: the ranking position of the full tensor's first entry.
         shape: the full tensor's shape.
-        offset: the global index of the local block's first entry, per dim
-            (the local block is ``scores.shape`` from there).
+        index: per dim, the global indices of the local slices along it: a
+            ``range`` (a contiguous block) or an int64 tensor (interleaved
+            slices, e.g. a ``_StridedShard``).
         owner: whether this rank counts the piece (False for a replica that
             another rank counts).
     """
@@ -156,22 +158,20 @@ class Piece:
     mask: torch.Tensor
     start: int
     shape: tuple
-    offset: tuple
+    index: tuple
     owner: bool = True
 
     def run_start(self):
         """The ranking position of the local flat index 0 when the local block
         is one contiguous run of the full tensor's row-major order, else None."""
-        local = tuple(self.scores.shape)
-        partial = [d for d in range(len(local)) if local[d] != self.shape[d]]
+        if not all(isinstance(ix, range) for ix in self.index):
+            return None
+        partial = [d for d, ix in enumerate(self.index) if len(ix) != self.shape[d]]
         if partial and (math.prod(self.shape[:partial[0]]) > 1 or partial[1:]):
             return None  # rows of a block cut along a later dim, or cut along two dims
-        return self.start + self._flat(self.offset)
-
-    def _flat(self, index):
-        pos, stride = 0, 1
-        for i, n in zip(reversed(index), reversed(self.shape)):
-            pos += i * stride
+        pos, stride = self.start, 1
+        for ix, n in zip(reversed(self.index), reversed(self.shape)):
+            pos += ix.start * stride
             stride *= n
         return pos
 
@@ -180,18 +180,12 @@ class Piece:
         ``flat`` (int64), or of every local entry (in local row-major order)."""
         local = tuple(self.scores.shape)
         if flat is None:
-            pos = torch.full(local, self.start, dtype=torch.int64)
-            stride = 1
-            for d in reversed(range(len(local))):
-                view = [1] * len(local)
-                view[d] = -1
-                pos += ((self.offset[d] + torch.arange(local[d])) * stride).view(view)
-                stride *= self.shape[d]
-            return pos.reshape(-1)
+            flat = torch.arange(math.prod(local), dtype=torch.int64)
         pos = torch.full_like(flat, self.start)
         rest, stride = flat.clone(), 1
         for d in reversed(range(len(local))):
-            pos += (self.offset[d] + rest % local[d]) * stride
+            ix, at = self.index[d], rest % local[d]
+            pos += (ix.start + at if isinstance(ix, range) else ix[at]) * stride
             rest //= local[d]
             stride *= self.shape[d]
         return pos
@@ -367,73 +361,74 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         DistributedPruningError: on every rank, when the ranks' calls differ
             (method, amount, dtype) or some rank failed before pruning.
     """
-    from . import prune
+    from . import dtensor, prune
 
     comm = Comm([group], "cpu")
-    seed = draw_seed()
-    prepared, error = None, None
+    random = issubclass(pruning_method, prune._torch_prune.RandomUnstructured) if isinstance(
+        pruning_method, type) else False
+    seed = draw_seed() if random else None  # L1 leaves the generator alone, as in one process
+    prepared, error, dtype, device = None, None, None, None
     try:
         prepared = prune._prepare_global(parameters, importance_scores, pruning_method, kwargs,
                                          allow_empty=True)
+        if any(dtensor.is_dtensor(c) for c in prepared.currents):
+            raise ValueError(
+                "fastprune.distributed.global_unstructured ranks plain tensors that each rank holds whole; "
+                "for DTensor and FSDP2 parameters call fastprune.prune.global_unstructured (every rank, "
+                "the same pairs)")
         path = prune._kernel_path(prepared.method)
         if not isinstance(path, prune._UnstructuredPath):
             raise NotImplementedError(
                 "fastprune.distributed.global_unstructured: only L1Unstructured and "
                 f"RandomUnstructured, got {pruning_method}")
-        comm.device = prepared.device or torch.device("cpu")
-        if comm.device.type == "cuda" and dist.get_backend(comm.groups[0]) == "gloo":
-            comm.device = torch.device("cpu")
-        numels = [c.numel() for c in prepared.currents]
-        signature = (("method", pruning_method.__name__), ("amount", _signature_of_amount(kwargs.get("amount"))),
-                     ("dtype", str(prepared.dtype) if prepared.currents else None))
+        dtype, device = prepared.dtype, prepared.device
     except Exception as e:  # reported to every rank by agree()
-        error, signature, numels = e, None, []
-    entries = comm.gather_objects((dist.get_rank(group), signature, None if error is None else repr(error),
-                                   numels, seed))
-    _check_partition(entries, error)
+        error = e
+    signature = (("method", getattr(pruning_method, "__name__", repr(pruning_method))),
+                 ("amount", _signature_of_amount(kwargs.get("amount"))))
+    numels = [c.numel() for c in prepared.currents] if prepared else []
+    ranks = comm.agree(signature, error, extra=(numels, None if dtype is None else str(dtype), seed))
+    dtypes = [(r, d) for r, (n, d, _) in enumerate(ranks) if n]
+    for r, d in dtypes:  # ranks without tensors have no dtype to compare
+        if d != dtypes[0][1]:
+            raise DistributedPruningError(
+                "fastprune.distributed: the ranks made different calls "
+                f"(rank {dtypes[0][0]}: dtype={dtypes[0][1]}; rank {r}: dtype={d})")
     me = dist.get_rank(group)
-    entries.sort(key=lambda e: e[0])
-    start = sum(sum(e[3]) for e in entries if e[0] < me)
-    total = sum(sum(e[3]) for e in entries)
-    if total == 0 and not any(e[3] for e in entries):
+    start = sum(sum(n) for n, _, _ in ranks[:me])
+    total = sum(sum(n) for n, _, _ in ranks)
+    if not any(n for n, _, _ in ranks):
         raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+    comm.device = _comm_device(comm.groups[0], device)
+    dtype = torch.float64 if random else getattr(torch, dtypes[0][1].split(".")[1])
     pieces = []
     for c, s, m in zip(prepared.currents, prepared.scores, prepared.masks):
         old = prune._unpruned_mask(c, s) if m is None else m.detach()
-        pieces.append(Piece(s.detach().to(prepared.dtype), old, start, (c.numel(),), (0,), True))
+        pieces.append(Piece(s.detach().to(prepared.dtype), old, start, (c.numel(),), (range(c.numel()),), True))
         start += c.numel()
     for p in pieces:
         p.scores = p.scores.reshape(-1)
         p.mask = p.mask.reshape(-1) if not ops_broadcast(p.mask) else torch.ones(
             (), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
+        p.scores = uniform_draws(ranks[0][2], p.positions()).to(p.mask.device) if random else \
+            prune._magnitude_scores(p.scores)
     amount = kwargs.get("amount")
-    if not path.random:
-        for p in pieces:
-            p.scores = prune._magnitude_scores(p.scores)
-    else:
-        seed = entries[0][4]
-        for p in pieces:
-            p.scores = uniform_draws(seed, p.positions()).to(p.mask.device)
     new = select(pieces, comm, lambda n: prune._checked_count(amount, n), only_ones=True,
-                 largest=path.random, dtype=torch.float64 if path.random else prepared.dtype,
-                 total=total)
+                 largest=random, dtype=dtype, total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
     prune._apply_global_masks(prepared.parameters, own, prepared.masks)
 
 
+def _comm_device(group, device):
+    """Where collective buffers live: the CPU for gloo; else the tensors'
+    device, or for a rank with none, the current CUDA device under NCCL."""
+    backend = dist.get_backend(group)
+    if backend == "gloo":
+        return torch.device("cpu")
+    if device is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def ops_broadcast(t):
     return t.numel() > 1 and all(s == 0 for s in t.stride())
-
-
-def _check_partition(entries, error):
-    if error is not None:
-        raise error
-    for rank, _, err, _, _ in entries:
-        if err is not None:
-            raise DistributedPruningError(f"fastprune.distributed: rank {rank} failed, so no rank pruned: {err}")
-    sigs = [(rank, sig) for rank, sig, _, numels, _ in entries if numels]
-    for rank, sig in sigs:
-        if sig != sigs[0][1]:
-            raise DistributedPruningError(
-                "fastprune.distributed: the ranks made different calls "
-                f"(rank {sigs[0][0]}: {_describe(sigs[0][1])}; rank {rank}: {_describe(sig)})")

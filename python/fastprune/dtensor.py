@@ -68,19 +68,47 @@ def _comm(mesh, device):
     return distributed.Comm(groups, "cpu" if device.type == "cpu" else device)
 
 
+def _sharded(p):
+    """Whether placement ``p`` cuts a tensor dim (``Shard``, and the
+    ``_StridedShard`` of FSDP2 over tensor parallelism, which is no Shard)."""
+    return p.is_shard() or isinstance(getattr(p, "dim", None), int)
+
+
 def _layout(t):
-    """The global offset of ``t``'s local block (per dim) and whether this
-    rank counts it (of the replicas, the one at coordinate 0 of every
-    ``Replicate`` mesh dimension)."""
+    """Where ``t``'s local block sits in the full tensor and whether this rank
+    counts it (of the replicas, the one at coordinate 0 of every
+    ``Replicate`` mesh dimension).
+
+    The place is one index per dim: the global indices of the local slices
+    along it, a ``range`` where they are contiguous (``Shard``), else an int64
+    tensor (a ``_StridedShard`` interleaves the slices of several shards)."""
     mesh = t.device_mesh
     if any(p.is_partial() for p in t.placements):
         raise NotImplementedError(f"fastprune: DTensors with Partial placements cannot be pruned, got {t.placements}")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor._utils import _get_shard_size_and_offsets
 
-    _, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
     coord = mesh.get_coordinate()
+    sizes, index = list(t.shape), {}
+    for mesh_dim, p in enumerate(t.placements):
+        if _sharded(p):
+            # torch's own per-dim walk (compute_local_shape_and_global_offset
+            # keeps only the first offset of each dim)
+            size, offsets = _get_shard_size_and_offsets(sizes[p.dim], mesh.size(mesh_dim), coord[mesh_dim], p,
+                                                         index.get(p.dim), t.shape[p.dim], False)
+            sizes[p.dim], index[p.dim] = size, offsets[:size]
     owner = all(coord[d] == 0 for d, p in enumerate(t.placements) if p.is_replicate())
-    return tuple(offset), owner
+    return tuple(_as_range(index[d]) if d in index else range(t.shape[d]) for d in range(t.dim())), owner
+
+
+def _as_range(offsets):
+    n = offsets.numel()
+    first = int(offsets[0]) if n else 0
+    return range(first, first + n) if n == 0 or int(offsets[-1]) - first == n - 1 else offsets
+
+
+def _at(index):
+    """A ``_layout`` index as something to index a full-length vector with."""
+    return slice(index.start, index.stop) if isinstance(index, range) else index
 
 
 def check_like(t, param, what):
@@ -106,11 +134,11 @@ def check_like(t, param, what):
 def _piece(scores, mask, start):
     if not is_dtensor(scores) or (is_dtensor(mask) and mask.placements != scores.placements):
         raise ValueError("fastprune: scores and masks of a DTensor must be DTensors with its placements")
-    offset, owner = _layout(scores)
+    index, owner = _layout(scores)
     local = scores.to_local().detach()
     local_mask = mask.to_local().detach() if is_dtensor(mask) else torch.ones(
         (), dtype=mask.dtype, device=local.device).expand(local.shape)
-    return distributed.Piece(local, local_mask, start, tuple(scores.shape), tuple(offset), owner)
+    return distributed.Piece(local, local_mask, start, tuple(scores.shape), index, owner)
 
 
 def select_masks(scores, masks, count_of, *, only_ones=False, largest=False, random=False):
@@ -166,11 +194,11 @@ _IDENTITY = {"sum": 0.0, "max": 0.0, "min": math.inf}
 
 
 def _channel_reduce(t, dim, partial, kind):
-    offset, owner = _layout(t)
+    index, owner = _layout(t)
     comm = _comm(t.device_mesh, t.to_local().device)
     full = torch.full((t.shape[dim],), _IDENTITY[kind], dtype=torch.float64, device=comm.device)
     if owner and partial.numel():
-        full[offset[dim]:offset[dim] + partial.numel()] = partial.to(comm.device)
+        full[_at(index[dim])] = partial.to(comm.device)
     if kind == "sum":
         return comm.sum_(full).cpu()
     bits = full.view(torch.int64).clone()
@@ -231,11 +259,11 @@ def channel_mask(t, dim, keep, mask):
     """``mask`` (a DTensor, cast to ``t``'s dtype) times ``keep[channel]``
     along ``dim``: each rank multiplies its block by its own channels' part."""
     dim %= mask.dim()
-    offset, _ = _layout(mask)
+    index, _ = _layout(mask)
     local = mask.to_local().detach().to(t.dtype)
     shape = [1] * local.dim()
     shape[dim] = -1
-    part = keep[offset[dim]:offset[dim] + local.shape[dim]]
+    part = keep[_at(index[dim])]
     return _like(local * part.to(device=local.device, dtype=t.dtype).view(shape), mask)
 
 
@@ -255,7 +283,7 @@ def local_segments(t, mask, dim, whole_slices, select):
     """
     _layout(t)  # refuses Partial placements
     dim %= t.dim()
-    sharded = {p.dim % t.dim() for p in t.placements if p.is_shard()}
+    sharded = {p.dim % t.dim() for p in t.placements if _sharded(p)}
     if (sharded - {dim}) if whole_slices else (dim in sharded):
         what = f"slices along dim {dim}" if whole_slices else f"groups along dim {dim}"
         raise NotImplementedError(
@@ -294,14 +322,11 @@ def agree(t, call, error=None):
     comm.agree(tuple((k, describe(v)) for k, v in call), error)
 
 
-def first_of_one_mesh(tensors):
-    """The first DTensor of ``tensors``, or None if there are none;
-    ValueError (on every rank: the tensors are the same) for DTensors on
-    several meshes or DTensors mixed with plain tensors."""
+def check_one_mesh(tensors):
+    """Raise ValueError for DTensors on several meshes, or DTensors mixed
+    with plain tensors (nothing is ranked across the two)."""
     found = [t for t in tensors if is_dtensor(t)]
-    if not found:
-        return None
-    if len(found) != len(tensors):
+    if found and len(found) != len(tensors):
         raise ValueError("fastprune: global_unstructured cannot rank DTensor and plain parameters together")
-    _mesh_of(found)
-    return found[0]
+    if found:
+        _mesh_of(found)

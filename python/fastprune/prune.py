@@ -1431,23 +1431,21 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
 
 def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
     """:func:`_prepare_global`; with DTensor parameters, also the check that
-    every rank of their mesh made the same call (its errors included)."""
-    tensors = []
+    every rank of their mesh made the same call. Every check that can fail
+    on one rank only (a misspelled name, an extra plain pair, scores of
+    another shape) runs before that agreement, which reports it to every
+    rank: no rank is left waiting in a collective for a peer that raised."""
     if isinstance(parameters, Iterable):
         parameters = list(parameters)
-        try:
-            tensors = [getattr(module, name, None) for module, name in parameters]
-        except Exception:  # malformed pairs: _prepare_global raises the reference's error
-            tensors = []
-        else:
-            for module, name in parameters:  # FSDP2's state is the same on every rank
-                fsdp.prunable(module, name)
-    mesh_tensor = dtensor.first_of_one_mesh(tensors)
+    mesh_tensor = _first_dtensor(parameters)
     if mesh_tensor is None:
         return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
     prepared, error, call = None, None, []
     try:
+        for module, name in parameters:  # FSDP2's state is the same on every rank
+            fsdp.prunable(module, name)
         prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+        dtensor.check_one_mesh(prepared.currents)
         call = [("method", getattr(pruning_method, "__name__", pruning_method)), *sorted(kwargs.items()),
                 ("parameters", prepared.currents), ("importance_scores", prepared.scores),
                 ("pruned", [m is not None for m in prepared.masks])]
@@ -1455,6 +1453,22 @@ def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs
         error = e
     dtensor.agree(mesh_tensor, call, error)
     return prepared
+
+
+def _first_dtensor(parameters):
+    """The first DTensor among the pairs that name one (malformed pairs and
+    missing names are skipped: :func:`_prepare_global` raises for them), or None."""
+    if not isinstance(parameters, list):
+        return None
+    for pair in parameters:
+        try:
+            module, name = pair
+            t = getattr(module, name)
+        except Exception:
+            continue
+        if dtensor.is_dtensor(t):
+            return t
+    return None
 
 
 class _PreparedGlobal:
