@@ -260,6 +260,8 @@ def _mask_grad(module_ref, name, param):
 def _after_step(optimizer, args, kwargs):
     """Re-mask the held parameters that ``optimizer`` holds: a set lookup per
     parameter of the optimizer, nothing more for optimizers that hold none."""
+    if not _HELD:
+        return
     held = {id(module._parameters[name]): (module, name, h)
             for module, names in list(_HELD.items()) for name, h in names.items()
             if name in module._parameters}
