@@ -163,15 +163,15 @@ def test_rank_dies_mid_prune():
 def test_collective_device_follows_the_backend(monkeypatch):
     """gloo: the CPU; NCCL: the tensors' device, or the current CUDA device
     on a rank that has none (NCCL refuses CPU buffers)."""
-    import fastprune.distributed as D
+    from fastprune import _crossrank
 
     backend = {"name": "gloo"}
-    monkeypatch.setattr(D.dist, "get_backend", lambda group=None: backend["name"])
+    monkeypatch.setattr(_crossrank.dist, "get_backend", lambda group=None: backend["name"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert D._comm_device(None, torch.device("cuda", 0)) == torch.device("cpu")
+    assert _crossrank.comm_device(None, torch.device("cuda", 0)) == torch.device("cpu")
     backend["name"] = "nccl"
-    assert D._comm_device(None, None) == torch.device("cuda", 1)
-    assert D._comm_device(None, torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert _crossrank.comm_device(None, None) == torch.device("cuda", 1)
+    assert _crossrank.comm_device(None, torch.device("cuda", 0)) == torch.device("cuda", 0)
 
 
 # ----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """DTensor parameters in the drop-in API: the kernel paths of
 ``fastprune.prune`` call here when a tensor is a DTensor.
 
-Each DTensor becomes a :class:`fastprune.distributed.Piece` (its local shard,
+Each DTensor becomes a :class:`fastprune._crossrank.Piece` (its local shard,
 where the shard sits in the full tensor, and whether this rank counts it: of
 the ranks that hold a replica, the one at coordinate 0 of every ``Replicate``
-mesh dimension), the exact cross-rank select of :mod:`fastprune.distributed`
+mesh dimension), the exact cross-rank select of :mod:`fastprune._crossrank`
 runs over the mesh's process groups, and the local masks come back as
 DTensors with the parameter's mesh and placements. No full tensor is built.
 
@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import distributed, ops
+from . import _crossrank, ops
 
 
 def is_dtensor(t):
@@ -65,7 +65,7 @@ def _mesh_of(tensors):
 
 def _comm(mesh, device):
     groups = [mesh.get_group(d) for d in range(mesh.ndim)]
-    return distributed.Comm(groups, "cpu" if device.type == "cpu" else device)
+    return _crossrank.Comm(groups, "cpu" if device.type == "cpu" else device)
 
 
 def _sharded(p):
@@ -138,7 +138,7 @@ def _piece(scores, mask, start):
     local = scores.to_local().detach()
     local_mask = mask.to_local().detach() if is_dtensor(mask) else torch.ones(
         (), dtype=mask.dtype, device=local.device).expand(local.shape)
-    return distributed.Piece(local, local_mask, start, tuple(scores.shape), index, owner)
+    return _crossrank.Piece(local, local_mask, start, tuple(scores.shape), index, owner)
 
 
 def select_masks(scores, masks, count_of, *, only_ones=False, largest=False, random=False):
@@ -148,7 +148,7 @@ def select_masks(scores, masks, count_of, *, only_ones=False, largest=False, ran
         scores: DTensors of one dtype on one mesh.
         masks: their current masks (DTensors alike, or a broadcast one).
         count_of: maps the global number of candidates to k (validating it).
-        random: rank :func:`fastprune.distributed.uniform_draws` instead of
+        random: rank :func:`fastprune._crossrank.uniform_draws` instead of
             ``scores`` (which then only give the layout), keyed by ranking
             position with rank 0's seed: the draws of an entry do not depend
             on how the tensors are sharded.
@@ -163,10 +163,10 @@ def select_masks(scores, masks, count_of, *, only_ones=False, largest=False, ran
         start += s.numel()
     comm = _comm(mesh, pieces[0].scores.device)
     if random:
-        seed = int(_from_first(mesh, comm, torch.tensor([distributed.draw_seed()]))[0])
+        seed = int(_from_first(mesh, comm, torch.tensor([_crossrank.draw_seed()]))[0])
         for p in pieces:
-            p.scores = distributed.uniform_draws(seed, p.positions()).view(p.scores.shape).to(p.mask.device)
-    new = distributed.select(pieces, comm, count_of, only_ones=only_ones, largest=largest, total=start)
+            p.scores = _crossrank.uniform_draws(seed, p.positions()).view(p.scores.shape).to(p.mask.device)
+    new = _crossrank.select(pieces, comm, count_of, only_ones=only_ones, largest=largest, total=start)
     return [_like(m, s) for m, s in zip(new, scores)]
 
 
@@ -300,7 +300,7 @@ def describe(v):
     if isinstance(v, torch.Tensor):
         return ("Tensor", tuple(v.shape), str(v.dtype))
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
-        return distributed._signature_of_amount(v)
+        return _crossrank.signature_of_amount(v)
     if isinstance(v, (list, tuple)):
         return tuple(describe(x) for x in v)
     return repr(v)
