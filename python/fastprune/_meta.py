@@ -1,16 +1,14 @@
 """Fake (meta) kernels: shapes, dtypes and strides of every op's result."""
 import torch
 
-
-def _is_broadcast_scalar(t):
-    return t.numel() > 1 and all(s == 0 for s in t.stride())
+from .ops import is_broadcast_one
 
 
 @torch.library.register_fake("fastprune::unstructured_mask")
 def _unstructured_mask_fake(scores, mask, count, fraction, only_ones, largest):
     torch._check(scores.shape == mask.shape, lambda: "unstructured_mask: scores and mask must have the same shape")
     torch._check(scores.is_floating_point(), lambda: "unstructured_mask: scores must be a floating point tensor")
-    if _is_broadcast_scalar(mask):
+    if is_broadcast_one(mask):
         return torch.empty_like(scores, dtype=mask.dtype)
     return torch.empty_like(mask)
 
@@ -29,7 +27,7 @@ def _segmented_mask_fake(scores, mask, dim, group, count, fraction, keep):
     size = scores.shape[dim]
     torch._check(group >= 0 and (group == 0 or size % group == 0),
                  lambda: f"segmented_mask: the size of dim {dim} ({size}) must be a multiple of the group size {group}")
-    if _is_broadcast_scalar(mask):
+    if is_broadcast_one(mask):
         return torch.empty_like(scores, dtype=mask.dtype)
     return torch.empty_like(mask)
 

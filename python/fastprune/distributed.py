@@ -24,7 +24,7 @@ rank's entries. See docs/distributed.md for the design.
 import torch
 import torch.distributed as dist
 
-from . import _crossrank, dtensor, prune
+from . import _crossrank, dtensor, ops, prune
 from ._crossrank import DistributedPruningError, reset_traffic, traffic  # noqa: F401  (public names)
 
 __all__ = ["global_unstructured", "traffic", "reset_traffic", "DistributedPruningError"]
@@ -102,7 +102,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         start += c.numel()
     for p in pieces:
         p.scores = p.scores.reshape(-1)
-        p.mask = p.mask.reshape(-1) if not ops_broadcast(p.mask) else torch.ones(
+        p.mask = p.mask.reshape(-1) if not ops.is_broadcast_one(p.mask) else torch.ones(
             (), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
         p.scores = _crossrank.uniform_draws(ranks[0][2], p.positions()).to(p.mask.device) if random else \
             prune._magnitude_scores(p.scores)
@@ -111,7 +111,3 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
                  largest=random, dtype=dtype, total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
     prune._apply_global_masks(prepared.parameters, own, prepared.masks)
-
-
-def ops_broadcast(t):
-    return t.numel() > 1 and all(s == 0 for s in t.stride())

@@ -4,6 +4,14 @@ from typing import List, Optional, Sequence
 import torch
 
 
+def is_broadcast_one(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one value broadcast over its whole shape (every stride
+    0, more than one entry): the "all ones" mask a first prune passes, which
+    the kernels read in place and answer with a fresh mask of the scores'
+    layout."""
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
 def _amount_args(count, fraction):
     if (count is None) == (fraction is None):
         raise ValueError("fastprune: give exactly one of count and fraction")

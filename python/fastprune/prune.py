@@ -1064,7 +1064,7 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
                 f"self.mask shape {self.mask.shape}")
         dtensor.check_like(self.mask, default_mask, "the mask")
         if (id(self.mask) in _ADOPTABLE_MASKS and self.mask.dtype == default_mask.dtype
-                and _is_broadcast_one(default_mask)):
+                and ops.is_broadcast_one(default_mask)):  # (_first_mask's ones)
             return self.mask  # ones times the mask: the mask itself, not a copy
         return default_mask * self.mask.to(dtype=default_mask.dtype)
 
@@ -1568,13 +1568,6 @@ def _apply_global_masks(parameters, own_masks, masks):
 # own tensors, which nobody else holds, so that a first prune's CustomFromMask
 # may keep one as the buffer instead of a copy (1 * mask) of it.
 _ADOPTABLE_MASKS = set()
-
-
-def _is_broadcast_one(t):
-    """Whether ``t`` is the stride-0 view of a single one that :func:`_first_mask`
-    makes (inside global_unstructured's own first prunes, the only stride-0
-    default mask there is)."""
-    return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
 def _share_first_mask(module, name):
