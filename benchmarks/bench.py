@@ -628,7 +628,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds, and warm repeats")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--scale", action="store_true", help="also prune 1e9 parameters with fastprune alone")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "local"),
+                    help="where results go (default: untracked; benchmarks/results updates the committed ones)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     repeats = 1 if args.quick else args.repeats

@@ -16,7 +16,6 @@ import fastprune.prune as FAST
 from fastprune.ops import segmented_mask
 
 from conftest import FLOAT_DTYPES, assert_bitwise_equal, assert_same_snapshot, select_oracle, snapshot, tie_free
-from readme_util import readme_block
 
 
 
@@ -527,20 +526,6 @@ def test_replaced_compute_mask_is_called():
     finally:
         FAST.L1SemiStructured.compute_mask = orig
     assert calls == [(4, 16)] and (m.weight_mask == 1).all()
-
-
-# ----------------------------------------------------------------------------
-# The README's CPU recipe, run as written
-# ----------------------------------------------------------------------------
-
-def test_readme_wanda_recipe_runs():
-    env = {}
-    exec(compile(readme_block("<!-- recipe: wanda -->"), "README-wanda", "exec"), env)
-    model = env["model"]
-    for block in model.blocks:
-        for lin in (block.fc1, block.fc2):
-            per_row = (lin.weight_mask == 0).sum(1)
-            assert (per_row == round(0.5 * lin.in_features)).all()
 
 
 # ----------------------------------------------------------------------------

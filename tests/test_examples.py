@@ -1,0 +1,67 @@
+"""The runnable recipes in examples/, run as written: single-process ones
+in this process's interpreter, distributed ones under torchrun with 2
+processes (gloo on loopback), each with a time limit."""
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_script(name, tmp_path, nproc=None):
+    """Run examples/<name> in a subprocess (under torchrun with ``nproc``
+    processes); its stdout, one list of words per rank."""
+    script = str(EXAMPLES / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc is None:
+        cmd = [sys.executable, script]
+    else:  # one stdout file per rank: prints do not interleave
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "--log-dir", str(tmp_path / "logs"), "--redirects", "1", script]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    if nproc is None:
+        return [run.stdout.split()]
+    return sorted(f.read_text().split() for f in (tmp_path / "logs").rglob("stdout.log"))
+
+
+def test_every_example_is_run_here():
+    tested = {"quickstart.py", "patch_torch.py", "wanda.py", "dtensor_prune.py", "fsdp_prune.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_quickstart(tmp_path):
+    [words] = run_script("quickstart.py", tmp_path)
+    assert words[0] == "True" and 0.5 < float(words[1]) < 1.0
+
+
+def test_patch_torch(tmp_path):
+    run_script("patch_torch.py", tmp_path)
+
+
+def test_wanda_prunes_half_of_every_row():
+    env = runpy.run_path(str(EXAMPLES / "wanda.py"))
+    model = env["model"]
+    for block in model.blocks:
+        for lin in (block.qkv, block.proj, block.fc1, block.fc2):
+            per_row = (lin.weight_mask == 0).sum(1)
+            assert (per_row == round(0.5 * lin.in_features)).all()
+
+
+def test_dtensor_prune(tmp_path):
+    printed = run_script("dtensor_prune.py", tmp_path, nproc=2)
+    assert printed == [["0", "(Shard(dim=0),)", "torch.Size([32,", "64])"],
+                       ["1", "(Shard(dim=0),)", "torch.Size([32,", "64])"]], printed
+
+
+def test_fsdp_prune(tmp_path):
+    printed = run_script("fsdp_prune.py", tmp_path, nproc=2)
+    assert printed == [["0", "DTensor", "0.5"], ["1", "DTensor", "0.5"]], printed
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
