@@ -38,7 +38,7 @@ def run_checks(rank, world, checks):
         try:
             check(rank, world)
             out[check.__name__] = None
-        except Exception:
+        except (Exception, pytest.fail.Exception):  # (pytest.raises fails with a BaseException)
             out[check.__name__] = traceback.format_exc()
     return out
 
@@ -288,7 +288,48 @@ def rank_raises_mid_prune(rank, world):
     assert untouched(mine)
 
 
-DTENSOR = [strided_shard_masks, bad_pair_on_one_rank]
+def local_failure_everywhere(rank, world):
+    """A per-row prune with an int amount above what one rank's rows still
+    have fails in that rank's kernel only: every rank raises the
+    single-process ValueError and nobody prunes (it has no other collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    whole = nn.Linear(4, 2 * world, bias=False)
+    mine = copy.deepcopy(whole)
+    mine.weight = nn.Parameter(distribute_tensor(mine.weight.detach(), mesh, [Shard(0)]))
+    mask = torch.ones(2 * world, 4)
+    mask[-1, 1:] = 0  # the last rank's last row keeps one live entry
+    FAST.custom_from_mask(whole, "weight", mask)
+    FAST.custom_from_mask(mine, "weight", distribute_tensor(mask, mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="cannot prune 2 entries") as single:
+        FAST.channelwise_l1_unstructured(whole, "weight", amount=2)
+    with pytest.raises(ValueError, match="cannot prune 2 entries"):
+        FAST.channelwise_l1_unstructured(mine, "weight", amount=2)
+    assert single.type is ValueError
+    assert torch.equal(mine.weight_mask.full_tensor(), mask)
+    assert [type(h).__name__ for h in mine._forward_pre_hooks.values()] == ["CustomFromMask"]
+
+
+def structured_reprune_of_1d(rank, world):
+    """A structured re-prune of a 1-D DTensor (the reference prunes a (1, n)
+    view there) is refused on every rank, nothing changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    mine = nn.Linear(3, 7)
+    mine.bias = nn.Parameter(distribute_tensor(mine.bias.detach(), mesh, [Shard(0)]))
+    FAST.l1_unstructured(mine, "bias", 0.25)
+    before = mine.bias_mask.full_tensor()
+    for call in (lambda: FAST.ln_structured(mine, "bias", 1, 2, 0), lambda: FAST.random_structured(mine, "bias", 1, 0)):
+        with pytest.raises(NotImplementedError, match="1-D DTensor"):
+            call()
+        assert torch.equal(mine.bias_mask.full_tensor(), before)
+
+
+DTENSOR = [strided_shard_masks, bad_pair_on_one_rank, local_failure_everywhere, structured_reprune_of_1d]
 
 
 @pytest.fixture(scope="module", params=WORLDS)

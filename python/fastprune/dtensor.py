@@ -276,7 +276,7 @@ def local_segments(t, mask, dim, whole_slices, select):
     Segments are runs along ``dim`` (N:M groups: ``dim`` must not be sharded)
     or whole slices ``t.select(dim, i)`` (only ``dim`` may be sharded): with
     ``Shard(0)`` (FSDP2's placement) both hold for 2:4 along the last dim and
-    for per-row slices.
+    for per-row slices. A failure on one rank's shard raises on every rank.
 
     Returns:
         A DTensor with ``t``'s mesh and placements.
@@ -290,7 +290,29 @@ def local_segments(t, mask, dim, whole_slices, select):
             f"fastprune: {what} would span several ranks' shards of a DTensor with placements "
             f"{t.placements}; N:M groups need their dim unsharded, per-channel slices every other "
             "dim unsharded (Shard(0) works for both along the usual dims)")
-    return _like(select(t.to_local().detach(), mask.to_local().detach()), t)
+    try:
+        local, error = select(t.to_local().detach(), mask.to_local().detach()), None
+    except (ValueError, RuntimeError) as e:  # e.g. a slice with fewer live entries than an int amount
+        local, error = None, e
+    _agree_on_local_error(t, error)
+    return _like(local, t)
+
+
+def _agree_on_local_error(t, error):
+    """Raise ``error`` where it happened and the same class, naming that
+    rank, on every other rank of ``t``'s mesh (a prune with no other
+    collective must not leave some ranks pruned and others not). One 4-byte
+    all-reduce when no rank failed."""
+    comm = _comm(t.device_mesh, t.to_local().device)
+    failed = comm.reduce_(torch.tensor([error is not None], dtype=torch.int32, device=comm.device),
+                          dist.ReduceOp.MAX)
+    if not int(failed[0]):
+        return
+    reports = comm.gather_objects(None if error is None else (dist.get_rank(), type(error), str(error)))
+    if error is not None:
+        raise error
+    rank, cls, message = next(r for r in reports if r is not None)
+    raise cls(f"fastprune: rank {rank} could not prune its shard, so no rank pruned: {message}")
 
 
 def describe(v):

@@ -647,6 +647,12 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
             # region (Identity) or covers it all ("global") runs on the whole.
             if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
                 return method.compute_mask(t, default_mask=mask).to(dtype=t.dtype)
+            if method.PRUNING_TYPE == "structured" and t.dim() <= 1:
+                raise NotImplementedError(
+                    f"fastprune: {type(method).__name__} on a 1-D DTensor that is already pruned: the "
+                    "reference then prunes a (1, n) view of it (a quirk of its boolean indexing), which "
+                    "fastprune does not reproduce for DTensors; prune 1-D parameters with an unstructured "
+                    "method")
             raise NotImplementedError(
                 f"fastprune: {type(method).__name__} in a PruningContainer is not supported for DTensor "
                 "parameters (supported: fastprune's own L1/Random Unstructured, Ln/Random Structured, "
