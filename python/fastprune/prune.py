@@ -35,7 +35,7 @@ from collections.abc import Iterable
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import dtensor, fsdp, ops
+from . import _layouts, dtensor, ops
 
 __all__ = [
     "BasePruningMethod",
@@ -108,9 +108,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             module (nn.Module): the module holding the pruned tensor.
             inputs: the forward inputs (unused).
         """
-        if _in_place(module, self._tensor_name):
-            return  # nothing to recompute
-        setattr(module, self._tensor_name, self.apply_mask(module))
+        _layouts.of(module, self._tensor_name).publish(module, self._tensor_name, self)
         _remember_module(self, module)
 
     @abstractmethod
@@ -139,7 +137,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if self._tensor_name is None:
             raise AssertionError(f"Module {module} has to be pruned")
         name = self._tensor_name
-        orig = getattr(module, name if _in_place(module, name) else name + "_orig")
+        orig = _layouts.of(module, name).values(module, name)
         return _masked_product(getattr(module, name + "_mask").to(dtype=orig.dtype), orig)
 
     @classmethod
@@ -169,7 +167,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         found = [key for key, hook in hooks.items()
                  if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
         current = module.__dict__.get(name, module._parameters.get(name))
-        in_fsdp = fsdp.prunable(module, name) if name in module._parameters else None
+        layout = _layouts.for_prune(module, name)
         if dtensor.is_dtensor(current) and cls not in (Identity, CustomFromMask):
             # Methods that run collectives: every rank must make the same call.
             chain = [type(hook).__name__ for key in found for hook in
@@ -211,22 +209,18 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
                     current = current.clone()
                 default_mask = current
             else:
-                if in_fsdp is None:
-                    module.register_parameter(name + "_orig", orig)
-                    del module._parameters[name]
+                layout.install(module, name, orig)
                 default_mask = _first_mask(method, orig, importance_scores)
 
             mask = method.compute_mask(importance_scores, default_mask=default_mask)
             module.register_buffer(name + "_mask", mask)
             assigned = True
-            if in_fsdp is None:
-                setattr(module, name, method.apply_mask(module))
+            layout.publish(module, name, method)
             module.register_forward_pre_hook(method)
         except BaseException:
             saved.restore(reassigned=[name] if assigned else ())
             raise
-        if in_fsdp is not None:
-            fsdp.hold(module, name, in_fsdp)  # last: it changes the values
+        layout.finish(module, name)  # last: in place, it changes the values
         _remember_module(method, module)
         return method
 
@@ -266,22 +260,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if self._tensor_name is None:
             raise AssertionError(
                 f"Module {module} has to be pruned before pruning can be removed")
-        name = self._tensor_name
-        if _in_place(module, name):  # the values are already pruned
-            fsdp.release(module, name)
-            del module._buffers[name + "_mask"]
-            return
-        pruned = self.apply_mask(module)
-        if hasattr(module, name):
-            delattr(module, name)
-        orig = module._parameters[name + "_orig"]
-        if dtensor.is_dtensor(orig):  # `.data =` does not reach a DTensor's local shard
-            dtensor.assign(orig, pruned)
-        else:
-            orig.data = pruned.data
-        del module._parameters[name + "_orig"]
-        del module._buffers[name + "_mask"]
-        setattr(module, name, orig)
+        _layouts.of(module, self._tensor_name).remove(module, self._tensor_name, self)
 
     def __deepcopy__(self, memo):
         """Deep-copy the hook, making its module's cached pruned tensor copyable.
@@ -311,13 +290,6 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if copying_module:
             _remember_module(new, memo[id(module)])
         return new
-
-
-def _in_place(module, name):
-    """Whether the pruned tensor ``module.<name>`` is pruned in place (an
-    FSDP2 parameter, see :mod:`fastprune.fsdp`): it is still a registered
-    parameter, where the reference's layout moved it to ``<name>_orig``."""
-    return name in module._parameters
 
 
 class _ModuleSnapshot:
@@ -1448,8 +1420,8 @@ def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs
         return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
     prepared, error, call = None, None, []
     try:
-        for module, name in parameters:  # FSDP2's state is the same on every rank
-            fsdp.prunable(module, name)
+        for module, name in parameters:  # (an FSDP2 parameter that cannot be pruned now raises)
+            _layouts.for_prune(module, name)
         prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
         dtensor.check_one_mesh(prepared.currents)
         call = [("method", getattr(pruning_method, "__name__", pruning_method)), *sorted(kwargs.items()),
@@ -1552,7 +1524,7 @@ def _apply_global_masks(parameters, own_masks, masks):
     saved = {key: _ModuleSnapshot(module, module_names) for key, (module, module_names) in names.items()}
     done = []
     try:
-        with fsdp.deferred():  # FSDP2 parameters change values only once all succeeded
+        with _layouts.finished_together():  # in place, values change only once all succeeded
             for i, (module, name) in enumerate(parameters):
                 _ADOPTABLE_MASKS.add(id(own_masks[i]))
                 try:
