@@ -24,7 +24,7 @@ rank's entries. See docs/distributed.md for the design.
 import torch
 import torch.distributed as dist
 
-from . import _crossrank, dtensor, ops, prune
+from . import _backends, _crossrank, dtensor, ops, prune
 from ._crossrank import DistributedPruningError, reset_traffic, traffic  # noqa: F401  (public names)
 
 __all__ = ["global_unstructured", "traffic", "reset_traffic", "DistributedPruningError"]
@@ -105,7 +105,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         p.mask = p.mask.reshape(-1) if not ops.is_broadcast_one(p.mask) else torch.ones(
             (), dtype=p.mask.dtype, device=p.mask.device).expand(p.scores.shape)
         p.scores = _crossrank.uniform_draws(ranks[0][2], p.positions()).to(p.mask.device) if random else \
-            prune._magnitude_scores(p.scores)
+            _backends.magnitude_scores(p.scores)
     amount = kwargs.get("amount")
     new = _crossrank.select(pieces, comm, lambda n: prune._checked_count(amount, n), only_ones=True,
                  largest=random, dtype=dtype, total=total)

@@ -35,10 +35,9 @@ from collections.abc import Iterable
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import _layouts, dtensor, ops
+from . import _backends, _layouts, ops
 from ._twins import (  # noqa: F401  (torch's helper names, kept on this module)
     _check_count,
-    _check_draws,
     _checked_count,
     _compute_nparams_toprune,
     _compute_norm,
@@ -76,8 +75,6 @@ __all__ = [
 # Either library's classes: hooks and container members may come from both.
 _AnyMethod = _torch_prune.BasePruningMethod
 _AnyContainer = _torch_prune.PruningContainer
-
-_KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # id(hook) -> weakref to the module the hook was last applied to or called on,
 # so that the hook's __deepcopy__ can find the module's cached pruned tensor.
@@ -180,11 +177,11 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
                  if isinstance(hook, _AnyMethod) and hook._tensor_name == name]
         current = module.__dict__.get(name, module._parameters.get(name))
         layout = _layouts.for_prune(module, name)
-        if dtensor.is_dtensor(current) and cls not in (Identity, CustomFromMask):
-            # Methods that run collectives: every rank must make the same call.
+        if cls not in (Identity, CustomFromMask):
+            # Methods that may run collectives: every rank must make the same call.
             chain = [type(hook).__name__ for key in found for hook in
                      getattr(hooks[key], "_pruning_methods", (hooks[key],))]
-            dtensor.agree(current, [("method", cls.__name__), ("args", args), *sorted(kwargs.items()),
+            _backends.of(current).agree(current, [("method", cls.__name__), ("args", args), *sorted(kwargs.items()),
                                     ("importance_scores", importance_scores), ("tensor", current),
                                     ("hooks", chain)])
         if len(found) > 1:
@@ -213,7 +210,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
                     f"importance_scores should have the same shape as parameter {name} "
                     f"of {module}, got {importance_scores.shape} vs {orig.shape}")
             else:
-                dtensor.check_like(importance_scores, orig, "importance_scores")
+                _backends.check_like(importance_scores, orig, "importance_scores")
 
             if isinstance(method, _AnyContainer):
                 current = getattr(module, name + "_mask").detach()
@@ -485,12 +482,7 @@ def _unpruned_mask(orig, scores):
     one where the result's layout (the scores') is ``ones_like(orig)``'s too.
     Anything else (a None parameter too) goes to ``torch.ones_like``, which
     fails on it as the reference does."""
-    if dtensor.is_dtensor(orig):
-        return dtensor.ones_like(orig)
-    if (isinstance(orig, torch.Tensor) and isinstance(scores, torch.Tensor) and orig.numel() > 1
-            and orig.is_contiguous() and scores.is_contiguous()):
-        return torch.ones((), dtype=orig.dtype, device=orig.device).expand(orig.shape)
-    return torch.ones_like(orig)
+    return _backends.of(orig).ones_like(orig, scores)
 
 
 def _masked_product(mask, orig):
@@ -536,30 +528,10 @@ def _first_mask(method, orig, scores):
     return torch.ones_like(orig)
 
 
-def _magnitude_scores(t):
-    """``t`` detached, as a tensor whose magnitudes the kernel can rank."""
-    t = t.detach()
-    if t.dtype in _KERNEL_SCORE_DTYPES:
-        return t
-    # torch.abs as in the reference: real for complex, and a bool tensor
-    # fails here with the reference's error.
-    magnitudes = torch.abs(t)
-    return magnitudes if magnitudes.dtype in _KERNEL_SCORE_DTYPES else magnitudes.to(torch.float64)
-
-
 def _select(scores, mask, **kwargs):
     """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device (across
     ranks for a DTensor)."""
-    if dtensor.is_dtensor(scores):
-        k = kwargs.pop("count")
-        return dtensor.select_masks([scores], [mask], lambda n: k, **kwargs)[0]
-    if scores.device != mask.device:
-        scores = scores.to(mask.device)
-    if mask.is_complex():  # (a complex parameter) the kernel takes real masks
-        ones = torch.ones((), dtype=scores.dtype, device=mask.device).expand(mask.shape)
-        kept = ops.unstructured_mask(scores, ones, **kwargs)
-        return mask.detach().masked_fill(kept == 0, 0)
-    return ops.unstructured_mask(scores, mask.detach(), **kwargs)
+    return _backends.of(scores).select(scores, mask, **kwargs)
 
 
 class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
@@ -609,7 +581,7 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         path = _container_path(self, t, mask)
         if path is not None:
             return path.step(method, t, mask)
-        if dtensor.is_dtensor(t):
+        if not _backends.of(t).boolean_indexing:
             # No boolean indexing of DTensors: a method that ignores the
             # region (Identity) or covers it all ("global") runs on the whole.
             if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
@@ -657,29 +629,9 @@ def _structured_dim(method, t):
 
 
 def _live_channels(mask, dim):
-    """The reference's live channels, ``mask.sum(dim=<all but dim>) != 0``.
-
-    Sums the leading dims first and then the trailing ones: torch reduces all
-    but a middle dim of a contiguous tensor in one go several times slower.
-    The order of the additions cannot change which sums are zero unless the
-    mask has negative entries. A 1-D mask (whose full sum the reference's
-    ``dim=[]`` gives: a 0-dim result), a dim out of range or not an int take
-    the reference's expression, so that they fail or index as there.
-    """
-    if dtensor.is_dtensor(mask) and isinstance(dim, int) and 0 <= dim < mask.dim():
-        return dtensor.live_channels(mask, dim)
-    if not (isinstance(dim, int) and 0 <= dim < mask.dim() and mask.dim() > 1):
-        return mask.sum(dim=[d for d in range(mask.dim()) if d != dim]) != 0
-    if dim > 0:
-        mask = mask.sum(dim=list(range(dim)))
-    return (mask.sum(dim=list(range(1, mask.dim()))) if mask.dim() > 1 else mask) != 0
-
-
-def _count_ones(mask):
-    """Number of entries equal to 1 (None on the meta device, where it is unknown)."""
-    if mask.device.type == "meta":
-        return None
-    return int((mask == 1).sum())
+    """The reference's live channels, ``mask.sum(dim=<all but dim>) != 0``
+    (see :meth:`fastprune._backends.Local.live_channels`)."""
+    return _backends.of(mask).live_channels(mask, dim)
 
 
 class Identity(BasePruningMethod, _torch_prune.Identity):
@@ -748,12 +700,7 @@ class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
         _validate_pruning_amount(k, n)
         if k == 0:
             return default_mask.clone()
-        if dtensor.is_dtensor(t):  # keyed draws, rank 0's seed (docs/distributed.md)
-            _check_count(k)
-            return dtensor.select_masks([t], [default_mask], lambda n: k, largest=True, random=True)[0]
-        draws = torch.rand_like(t, memory_format=torch.contiguous_format)
-        _check_draws(draws, k)
-        return _select(draws, default_mask, count=k, largest=True)
+        return _backends.of(t).random_mask(t, default_mask, k)
 
     @classmethod
     def apply(cls, module, name, amount):
@@ -801,7 +748,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         k = _checked_count(self.amount, t.nelement())
         if k == 0:
             return default_mask.clone()
-        return _select(_magnitude_scores(t), default_mask, count=k)
+        return _select(_backends.magnitude_scores(t), default_mask, count=k)
 
     @classmethod
     def apply(cls, module, name, amount, importance_scores=None):
@@ -823,13 +770,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
 def _channel_mask(t, dim, keep, default_mask):
     """Mask of ``t``'s dtype and format: ``default_mask`` times ``keep[channel]``
     along ``dim`` (``keep``: one 0/1 per channel), written in one pass."""
-    if dtensor.is_dtensor(default_mask):
-        return dtensor.channel_mask(t, dim, keep, default_mask)
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    keep = keep.to(device=t.device, dtype=t.dtype).view(shape)
-    out = ops.cached_empty_like(t) if t.device.type == "cpu" else torch.empty_like(t)
-    return torch.mul(default_mask.to(dtype=t.dtype), keep, out=out)
+    return _backends.of(default_mask).channel_mask(t, dim, keep, default_mask)
 
 
 def _structured_keep(method, t, live=None):
@@ -864,8 +805,7 @@ def _structured_keep(method, t, live=None):
         if k == 0:
             return None
         draws = torch.rand(channels)  # CPU default generator, as the reference
-        if dtensor.is_dtensor(t):
-            draws = dtensor.shared_draws(t, draws)  # rank 0's, on every rank
+        draws = _backends.of(t).shared_draws(t, draws)
         keep = draws > torch.kthvalue(draws, k=k).values
     if live is None:
         return keep
@@ -879,13 +819,7 @@ def _channel_norms(t, n, dim):
     (and ``'fro'`` on 2-D tensors, the 2-norm there), else the reference's
     :func:`_compute_norm` (its errors included). The kernel accumulates in
     float64, so norms equal up to rounding may rank differently than torch's."""
-    if dtensor.is_dtensor(t):
-        return dtensor.channel_norms(t, n, dim)
-    p = 2 if isinstance(n, str) and n == "fro" and t.dim() == 2 else n
-    if (isinstance(p, numbers.Real) and not isinstance(p, bool)
-            and t.dtype in _KERNEL_SCORE_DTYPES and t.numel() > 0):
-        return ops.channel_norms(t.detach(), dim, p)
-    return _compute_norm(t, n, dim)
+    return _backends.of(t).channel_norms(t, n, dim)
 
 
 def _structured_on_live(method, t, mask, dim, live):
@@ -895,11 +829,7 @@ def _structured_on_live(method, t, mask, dim, live):
     new = mask.to(dtype=t.dtype)
     if keep is None:
         return new
-    if dtensor.is_dtensor(new):
-        return dtensor.channel_mask(t, dim, keep, new)
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return new * keep.view(shape)
+    return _backends.of(new).scale_channels(t, dim, keep, new)
 
 
 class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
@@ -1035,7 +965,7 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
             raise AssertionError(
                 f"default_mask shape {default_mask.shape} must match "
                 f"self.mask shape {self.mask.shape}")
-        dtensor.check_like(self.mask, default_mask, "the mask")
+        _backends.check_like(self.mask, default_mask, "the mask")
         if (id(self.mask) in _ADOPTABLE_MASKS and self.mask.dtype == default_mask.dtype
                 and ops.is_broadcast_one(default_mask)):  # (_first_mask's ones)
             return self.mask  # ones times the mask: the mask itself, not a copy
@@ -1206,12 +1136,15 @@ def _check_not_in_reference_container(cls, module, name):
 def _segmented_select(t, mask, **kwargs):
     """:func:`fastprune.ops.segmented_mask` of ``|t|`` on ``mask``'s device,
     its live entries those at 1 (a complex mask, of a complex parameter, is
-    read through them: the kernel takes real masks)."""
-    if dtensor.is_dtensor(t) or dtensor.is_dtensor(mask):
-        dtensor.check_like(mask, t, "the mask")
-        return dtensor.local_segments(t, mask, kwargs["dim"], whole_slices=not kwargs.get("group"),
-                                      select=lambda s, m: _segmented_select(s, m, **kwargs))
-    scores = _magnitude_scores(t)
+    read through them: the kernel takes real masks). Each rank's shard
+    alone for a DTensor, where every group or slice lies in one shard."""
+    _backends.check_like(mask, t, "the mask")
+    return _backends.of(t, mask).per_segment(t, mask, kwargs["dim"], not kwargs.get("group"),
+                                             lambda s, m: _segment_kernel(s, m, **kwargs))
+
+
+def _segment_kernel(t, mask, **kwargs):
+    scores = _backends.magnitude_scores(t)
     if scores.device != mask.device:
         scores = scores.to(mask.device)
     mask = mask.detach()
@@ -1397,45 +1330,41 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
 
 
 def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
-    """:func:`_prepare_global`; with DTensor parameters, also the check that
+    """:func:`_prepare_global`, the layouts' checks (an FSDP2 parameter held
+    gathered or tied raises), and with DTensor parameters the check that
     every rank of their mesh made the same call. Every check that can fail
     on one rank only (a misspelled name, an extra plain pair, scores of
     another shape) runs before that agreement, which reports it to every
     rank: no rank is left waiting in a collective for a peer that raised."""
     if isinstance(parameters, Iterable):
         parameters = list(parameters)
-    mesh_tensor = _first_dtensor(parameters)
-    if mesh_tensor is None:
-        return _prepare_global(parameters, importance_scores, pruning_method, kwargs)
+    mesh_tensor = _backends.first_sharded(_named_tensors(parameters))
     prepared, error, call = None, None, []
     try:
-        for module, name in parameters:  # (an FSDP2 parameter that cannot be pruned now raises)
-            _layouts.for_prune(module, name)
         prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
-        dtensor.check_one_mesh(prepared.currents)
+        for module, name in prepared.parameters:
+            _layouts.for_prune(module, name)
+        _backends.check_one_mesh(prepared.currents)
         call = [("method", getattr(pruning_method, "__name__", pruning_method)), *sorted(kwargs.items()),
                 ("parameters", prepared.currents), ("importance_scores", prepared.scores),
                 ("pruned", [m is not None for m in prepared.masks])]
     except Exception as e:  # reported to every rank by agree()
         error = e
-    dtensor.agree(mesh_tensor, call, error)
+    _backends.of(mesh_tensor).agree(mesh_tensor, call, error)
     return prepared
 
 
-def _first_dtensor(parameters):
-    """The first DTensor among the pairs that name one (malformed pairs and
-    missing names are skipped: :func:`_prepare_global` raises for them), or None."""
-    if not isinstance(parameters, list):
-        return None
-    for pair in parameters:
+def _named_tensors(parameters):
+    """The tensors the pairs name, skipping malformed pairs and missing
+    names (:func:`_prepare_global` raises the reference's errors for them)."""
+    out = []
+    for pair in parameters if isinstance(parameters, list) else ():
         try:
             module, name = pair
-            t = getattr(module, name)
+            out.append(getattr(module, name))
         except Exception:
             continue
-        if dtensor.is_dtensor(t):
-            return t
-    return None
+    return out
 
 
 class _PreparedGlobal:
@@ -1472,7 +1401,7 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
             raise IndexError(
                 f"global_unstructured(): importance_scores for parameter {name} of {module} "
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
-        dtensor.check_like(score, current, "importance_scores")
+        _backends.check_like(score, current, "importance_scores")
     masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
     _check_same_device(masks_or_ones)
     if not parameters and not allow_empty:
@@ -1553,18 +1482,6 @@ def _kernel_operands(currents, scores, masks):
     return scores, dtype, olds
 
 
-def _candidate_count(amount, currents, masks):
-    """k, the candidates n (None on the meta device, where they are unknown
-    and an integer amount cannot be checked) and each tensor's candidates."""
-    counts = [c.numel() if m is None else _count_ones(m) for c, m in zip(currents, masks)]
-    if any(n is None for n in counts):
-        return amount, None, counts
-    n = sum(counts)
-    k = _compute_nparams_toprune(amount, n)
-    _validate_pruning_amount(k, n)
-    return k, n, counts
-
-
 def _magnitude_masks(amount, currents, scores, masks):
     """L1 masks of one or several tensors ranked together (global pruning, and
     a container's unstructured step), without concatenating or gathering
@@ -1575,19 +1492,7 @@ def _magnitude_masks(amount, currents, scores, masks):
     parameters with one multi-tensor select.
     """
     scores, dtype, olds = _kernel_operands(currents, scores, masks)
-    if any(dtensor.is_dtensor(s) for s in scores):
-        new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _checked_count(amount, n), only_ones=True)
-        return [m.to(dtype) for m in new]
-    if isinstance(amount, float) and 0.0 <= amount <= 1.0:
-        # The kernel computes round(amount * candidates) exactly as Python does.
-        new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
-                                            fraction=amount, only_ones=True)
-        return [m.to(dtype) for m in new]
-    k, _, _ = _candidate_count(amount, currents, masks)
-    _check_count(k)
-    new = ops.global_unstructured_masks([_magnitude_scores(s) for s in scores], olds,
-                                        count=k, only_ones=True)
+    new = _backends.of(*scores).magnitude_masks(amount, currents, scores, olds, masks)
     return [m.to(dtype) for m in new]
 
 
@@ -1597,34 +1502,8 @@ def _random_masks(amount, currents, scores, masks):
     k largest draws are pruned. On the meta device nothing is drawn. DTensors
     take draws keyed by global position instead (docs/distributed.md)."""
     scores, dtype, olds = _kernel_operands(currents, scores, masks)
-    if any(dtensor.is_dtensor(s) for s in scores):
-        new = dtensor.select_masks([_magnitude_scores(s) for s in scores], olds,
-                                   lambda n: _checked_count(amount, n), only_ones=True,
-                                   largest=True, random=True)
-        return [m.to(dtype) for m in new]
-    k, n, counts = _candidate_count(amount, currents, masks)
-    if n is None:
-        _check_count(k)  # else after the draws below, where the reference's topk fails
-    new = [m.to(dtype, copy=True) for m in olds]
-    if n is None or k == 0:
-        return new
-    draws = torch.rand(n, dtype=dtype, device=scores[0].device)
-    _check_draws(draws, k)
-    if all(m is None for m in masks):
-        # Every entry is a candidate: the draws are in concatenation order, so
-        # each parameter's share is a plain view and nothing is scattered.
-        shares, start = [], 0
-        for c in currents:
-            shares.append(draws[start:start + c.numel()].view(c.shape))
-            start += c.numel()
-        return [m.to(dtype) for m in ops.global_unstructured_masks(shares, olds, count=k, largest=True)]
-    ones = torch.ones((), dtype=dtype, device=draws.device).expand(n)
-    kept = _select(draws, ones, count=k, largest=True)
-    start = 0
-    for mask, old, count in zip(new, olds, counts):
-        mask[old == 1] = kept[start:start + count]
-        start += count
-    return new
+    new = _backends.of(*scores).random_masks(amount, currents, scores, olds, masks, dtype)
+    return [m.to(dtype) for m in new]
 
 
 # The kernel path of each of our methods, by exact class; a subclass, or a
