@@ -26,11 +26,13 @@ replacement of torch's ``compute_mask`` (e.g. ``mock.patch(
 so tests written against torch's module pass with only the import changed.
 """
 import copy
+import dataclasses
 import functools
 import numbers
 import weakref
 from abc import abstractmethod
 from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch.nn.utils import prune as _torch_prune
@@ -1367,11 +1369,19 @@ def _named_tensors(parameters):
     return out
 
 
+@dataclasses.dataclass
 class _PreparedGlobal:
     """The checked arguments of a global prune (see :func:`_prepare_global`)."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    parameters: list  # the (module, name) pairs
+    currents: list  # each pair's current tensor (``module.<name>``)
+    scores: list  # each pair's importance scores
+    masks: list  # each pair's mask, None where unpruned
+    masks_or_ones: list  # each pair's mask, or its tensor where unpruned (device checks)
+    method: BasePruningMethod  # the pruning method, made from the kwargs
+    container: PruningContainer  # a one-member container of it (the reference algorithm)
+    dtype: Optional[torch.dtype]  # the scores' promoted dtype (None: no pairs)
+    device: Optional[torch.device]  # the scores' device (None: no pairs)
 
 
 def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow_empty=False):
