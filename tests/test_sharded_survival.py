@@ -27,7 +27,7 @@ import fastprune.prune as FAST
 from dist_util import run_ranks
 from test_fsdp import Tiny, assert_pruned_zero, linears, loss, tokens, wrapped
 
-PG_TIMEOUT = 30
+PG_TIMEOUT = 60
 WORLDS = [2, 3]
 
 
@@ -257,7 +257,7 @@ def bad_pair_on_one_rank(rank, world):
         started = time.monotonic()
         with pytest.raises(error if rank == 1 else D.DistributedPruningError):
             FAST.global_unstructured(pairs + [extra] if rank == 1 else pairs, FAST.L1Unstructured, amount=0.5)
-        assert time.monotonic() - started < PG_TIMEOUT / 2
+        assert time.monotonic() - started < PG_TIMEOUT / 3
         assert untouched(mine) and untouched([plain])
     # Every rank misspelling the name gets the reference's error, no collective needed.
     with pytest.raises(AttributeError, match="wieght"):
