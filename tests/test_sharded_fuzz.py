@@ -474,8 +474,8 @@ AMOUNT_CHECKS = ("Invalid type for amount", "should either be a float in the ran
 
 def refused(step, sharded_model):
     """Whether fastprune must refuse `step` on the sharded model."""
-    spanning = step["kind"] in ("nm", "channelwise") and not segments_local(sharded_model, step)
-    return spanning or structured_on_pruned_1d(sharded_model, step)
+    refusal = step["kind"] in ("nm", "channelwise") and not segments_local(sharded_model, step)
+    return refusal or structured_on_pruned_1d(sharded_model, step)
 
 
 def expected_error(step, ref_error, sharded_model):
@@ -664,13 +664,13 @@ def make_both(ref, sh, step, rank):
     """Makes `step` on the reference, then on the sharded model, the global
     RNG seeded alike before each; returns (the reference's error, the sharded
     error, problems found so far)."""
-    spanning = refused(step, sh.model)
-    saved = copy.deepcopy(ref.model) if spanning else None
+    refusal = refused(step, sh.model)
+    saved = copy.deepcopy(ref.model) if refusal else None
     ref_error, ref_draws = attempt(ref, step, step["seed"])
     other = step.get("other_seeds") and rank > 0  # rank 0's generator must decide alone
     sh_error, sh_draws = attempt(sh, step, step["seed"] + 7919 * rank if other else step["seed"])
     expected = expected_error(step, ref_error, sh.model)
-    if spanning and ref_error is None:  # the sharded call must refuse: the reference is put back
+    if refusal and ref_error is None:  # the sharded call must refuse: the reference is put back
         ref.model = saved
     if step["kind"] == "convert" and sh.layout == "fsdp":
         # FSDP2 keeps no cached pruned tensor that could go stale: the
@@ -681,7 +681,7 @@ def make_both(ref, sh, step, rank):
     if (sh_error and sh_error[0]) != expected:
         problems.append(f"sharded call raised {sh_error}, expected {expected} (reference: {ref_error})")
     random = step["kind"] in ("random_unstructured", "global_random")
-    if not random and not other and not torch.equal(ref_draws, sh_draws):
+    if not random and not other and not refusal and not torch.equal(ref_draws, sh_draws):
         problems.append("the sharded call drew a different amount of random numbers")
     return ref_error, sh_error, problems
 

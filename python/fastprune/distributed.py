@@ -24,7 +24,7 @@ rank's entries. See docs/distributed.md for the design.
 import torch
 import torch.distributed as dist
 
-from . import _backends, _crossrank, dtensor, ops, prune
+from . import _backends, _crossrank, _kernel_paths, dtensor, ops, prune
 from ._crossrank import DistributedPruningError, reset_traffic, traffic  # noqa: F401  (public names)
 
 __all__ = ["global_unstructured", "traffic", "reset_traffic", "DistributedPruningError"]
@@ -71,7 +71,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
                 "for DTensor and FSDP2 parameters call fastprune.prune.global_unstructured (every rank, "
                 "the same pairs)")
         path = prune._kernel_path(prepared.method)
-        if not isinstance(path, prune._UnstructuredPath):
+        if not isinstance(path, _kernel_paths.UnstructuredPath):
             raise NotImplementedError(
                 "fastprune.distributed.global_unstructured: only L1Unstructured and "
                 f"RandomUnstructured, got {pruning_method}")
@@ -97,7 +97,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
     dtype = torch.float64 if random else getattr(torch, dtypes[0][1].split(".")[1])
     pieces = []
     for c, s, m in zip(prepared.currents, prepared.scores, prepared.masks):
-        old = prune._unpruned_mask(c, s) if m is None else m.detach()
+        old = _kernel_paths.unpruned_mask(c, s) if m is None else m.detach()
         pieces.append(_crossrank.Piece(s.detach().to(prepared.dtype), old, start, (c.numel(),), (range(c.numel()),), True))
         start += c.numel()
     for p in pieces:

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch.nn.utils import prune as _torch_prune
 
-from . import _backends, _layouts, ops
+from . import _backends, _kernel_paths, _layouts, ops
 from ._twins import (  # noqa: F401  (torch's helper names, kept on this module)
     _check_count,
     _checked_count,
@@ -390,8 +390,11 @@ def _is_plain(method, classes):
 
 
 def _kernel_path(method):
-    """The kernel path (entry of ``_KERNEL_PATHS``) of our own, unpatched ``method``, else None."""
-    path = _KERNEL_PATHS.get(type(method))
+    """The kernel path of ``method`` (its class's ``_kernel``, see
+    :mod:`fastprune._kernel_paths`) when ``method`` is exactly one of our
+    classes with its ``compute_mask`` unreplaced, else None: a subclass, or a
+    replaced ``compute_mask``, takes the reference's algorithm."""
+    path = vars(type(method)).get("_kernel")
     return path if path is not None and _is_plain(method, (type(method),)) else None
 
 
@@ -408,83 +411,6 @@ def _container_path(container, t, mask):
         return None
     path = _kernel_path(container._pruning_methods[-1])
     return path if path is not None and path.accepts(t, mask) else None
-
-
-class _KernelPath:
-    """How the kernels serve one of our method classes: its entry of ``_KERNEL_PATHS``."""
-
-    # A first prune may pass a stride-0 view of a single one as the default
-    # mask (the kernel reads it in place, see _unpruned_mask).
-    first_ones = True
-
-    def accepts(self, t, mask):
-        """Whether the path serves a container step on ``t`` with ``mask``."""
-        return True
-
-    def step(self, method, t, mask):
-        """The container's step: ``mask`` with ``method`` applied where the
-        earlier members left it unpruned, in ``t``'s dtype; never written into."""
-        raise NotImplementedError
-
-    def global_masks(self, method, currents, scores, masks):
-        """The masks of ``global_unstructured`` (see :func:`_magnitude_masks`)."""
-        raise TypeError(
-            f"global_unstructured(): {type(method).__name__} prunes inside each tensor "
-            "(per group or per slice) and cannot rank several tensors together; "
-            "prune each parameter on its own")
-
-
-class _UnstructuredPath(_KernelPath):
-    """L1/RandomUnstructured: one select among the entries still at 1 of one
-    tensor (a container's step) or several (global pruning)."""
-
-    def __init__(self, masks, random):
-        self.masks = masks  # masks(amount, currents, scores, masks), see _magnitude_masks
-        self.random = random  # ranks random draws (largest first) instead of |score|
-
-    def accepts(self, t, mask):
-        return not mask.is_complex()  # the unstructured kernels take real masks
-
-    def step(self, method, t, mask):
-        return self.masks(method.amount, [t], [t], [mask])[0]
-
-    def global_masks(self, method, currents, scores, masks):
-        return self.masks(method.amount, currents, scores, masks)
-
-
-class _StructuredPath(_KernelPath):
-    """Ln/RandomStructured in a container: the channels not yet all zero are
-    ranked without gathering ``t`` or the mask."""
-
-    first_ones = False
-
-    def accepts(self, t, mask):
-        # On a 1-D tensor the reference indexes with a 0-dim bool, which adds a
-        # leading dim: the method then prunes a (1, n) (or (0, n)) view instead
-        # of failing; the generic path does the same.
-        return t.device.type != "meta" and t.dim() > 1
-
-    def step(self, method, t, mask):
-        dim = _structured_dim(method, t)
-        return _structured_on_live(method, t, mask, dim, _live_channels(mask, dim))
-
-
-class _SegmentedPath(_KernelPath):
-    """L1SemiStructured / ChannelwiseL1Unstructured: their ``compute_mask``
-    reads the old mask in place and prunes only its live entries, so a
-    container hands it the whole tensor (gathering the live entries into 1-D
-    would lose the groups and slices). Never global."""
-
-    def step(self, method, t, mask):
-        return method.compute_mask(t, mask).to(dtype=t.dtype)
-
-
-def _unpruned_mask(orig, scores):
-    """All ones shaped like ``orig``, for a kernel: a stride-0 view of a single
-    one where the result's layout (the scores') is ``ones_like(orig)``'s too.
-    Anything else (a None parameter too) goes to ``torch.ones_like``, which
-    fails on it as the reference does."""
-    return _backends.of(orig).ones_like(orig, scores)
 
 
 def _masked_product(mask, orig):
@@ -523,17 +449,11 @@ def _first_mask(method, orig, scores):
     takes the weight's format, as in the reference, whatever the mask's).
     """
     if type(method) is CustomFromMask and _unpatched(CustomFromMask):
-        return _unpruned_mask(orig, method.mask)
+        return _kernel_paths.unpruned_mask(orig, method.mask)
     path = _kernel_path(method)
     if path is not None and path.first_ones:
-        return _unpruned_mask(orig, scores)
+        return _kernel_paths.unpruned_mask(orig, scores)
     return torch.ones_like(orig)
-
-
-def _select(scores, mask, **kwargs):
-    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device (across
-    ranks for a DTensor)."""
-    return _backends.of(scores).select(scores, mask, **kwargs)
 
 
 class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
@@ -604,9 +524,9 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         if pruning_type == "unstructured":
             region = mask == 1
         elif pruning_type == "structured":
-            dim = _structured_dim(method, t)
+            dim = _kernel_paths.structured_dim(method, t)
             region = [slice(None)] * t.dim()
-            region[dim] = _live_channels(mask, dim)
+            region[dim] = _kernel_paths.live_channels(mask, dim)
             region = tuple(region)
         elif pruning_type == "global":
             region = (slice(None),) * t.dim()
@@ -615,25 +535,6 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         partial = method.compute_mask(t[region], default_mask=mask[region])
         new_mask[region] = partial.to(dtype=new_mask.dtype)
         return new_mask
-
-
-def _structured_dim(method, t):
-    """The container's channel dim of a structured member, made non-negative."""
-    if not hasattr(method, "dim"):
-        raise AttributeError(
-            'Pruning methods of PRUNING_TYPE "structured" need to have the '
-            "attribute `dim` defined.")
-    ndim = t.dim()
-    dim = method.dim + ndim if method.dim < 0 else method.dim
-    if dim < 0:
-        raise IndexError(f"Index is out of bounds for tensor with dimensions {ndim}")
-    return dim
-
-
-def _live_channels(mask, dim):
-    """The reference's live channels, ``mask.sum(dim=<all but dim>) != 0``
-    (see :meth:`fastprune._backends.Local.live_channels`)."""
-    return _backends.of(mask).live_channels(mask, dim)
 
 
 class Identity(BasePruningMethod, _torch_prune.Identity):
@@ -677,6 +578,7 @@ class RandomUnstructured(BasePruningMethod, _torch_prune.RandomUnstructured):
     """
 
     PRUNING_TYPE = "unstructured"
+    _kernel = _kernel_paths.UnstructuredPath(_kernel_paths.random_masks, random=True)
 
     def __init__(self, amount):
         _validate_pruning_amount_init(amount)
@@ -731,6 +633,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
     """
 
     PRUNING_TYPE = "unstructured"
+    _kernel = _kernel_paths.UnstructuredPath(_kernel_paths.magnitude_masks, random=False)
 
     def __init__(self, amount):
         _validate_pruning_amount_init(amount)
@@ -750,7 +653,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         k = _checked_count(self.amount, t.nelement())
         if k == 0:
             return default_mask.clone()
-        return _select(_backends.magnitude_scores(t), default_mask, count=k)
+        return _kernel_paths.select(_backends.magnitude_scores(t), default_mask, count=k)
 
     @classmethod
     def apply(cls, module, name, amount, importance_scores=None):
@@ -769,71 +672,6 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         return super().apply(module, name, amount=amount, importance_scores=importance_scores)
 
 
-def _channel_mask(t, dim, keep, default_mask):
-    """Mask of ``t``'s dtype and format: ``default_mask`` times ``keep[channel]``
-    along ``dim`` (``keep``: one 0/1 per channel), written in one pass."""
-    return _backends.of(default_mask).channel_mask(t, dim, keep, default_mask)
-
-
-def _structured_keep(method, t, live=None):
-    """Which channels of ``t`` along ``method.dim`` a structured method keeps:
-    one 0/1 per channel, or None when it prunes none.
-
-    With ``live`` (one bool per channel), only the live channels take part, as
-    if ``t`` were ``t[live]`` along the dim (the container's view): amounts,
-    validation and random draws count the live channels; dead ones get 1.
-    """
-    dim = method.dim
-    region = t
-    if live is not None:
-        shape = list(t.shape)
-        shape[dim] = int(live.sum())
-        region = torch.empty(shape, device="meta")  # for the checks and their messages
-    _validate_structured_pruning(region)
-    _validate_pruning_dim(region, dim)
-    channels = region.shape[dim]
-    k = _compute_nparams_toprune(method.amount, channels)
-    _validate_pruning_amount(k, channels)
-    if isinstance(method, LnStructured):
-        norms = _channel_norms(t, method.n, dim)
-        if live is not None:
-            norms = norms[live]
-        if k == 0:
-            return None
-        # The k smallest norms go, ties to the lower channel index (NaN last).
-        ones = torch.ones((), dtype=norms.dtype, device=norms.device).expand(channels)
-        keep = ops.unstructured_mask(norms.detach(), ones, count=k)
-    else:
-        if k == 0:
-            return None
-        draws = torch.rand(channels)  # CPU default generator, as the reference
-        draws = _backends.of(t).shared_draws(t, draws)
-        keep = draws > torch.kthvalue(draws, k=k).values
-    if live is None:
-        return keep
-    full = torch.ones(t.shape[dim], dtype=t.dtype, device=t.device)
-    full[live] = keep.to(device=t.device, dtype=t.dtype)
-    return full
-
-
-def _channel_norms(t, n, dim):
-    """Norms that rank ``t``'s channels: one pass of the kernel for real ``n``
-    (and ``'fro'`` on 2-D tensors, the 2-norm there), else the reference's
-    :func:`_compute_norm` (its errors included). The kernel accumulates in
-    float64, so norms equal up to rounding may rank differently than torch's."""
-    return _backends.of(t).channel_norms(t, n, dim)
-
-
-def _structured_on_live(method, t, mask, dim, live):
-    """Container path for our structured methods: the last method ranks only
-    the channels not yet all zero, without gathering ``t`` or the mask."""
-    keep = _structured_keep(method, t, live)
-    new = mask.to(dtype=t.dtype)
-    if keep is None:
-        return new
-    return _backends.of(new).scale_channels(t, dim, keep, new)
-
-
 class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
     """Prunes whole channels chosen at random.
 
@@ -844,6 +682,7 @@ class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
     """
 
     PRUNING_TYPE = "structured"
+    _kernel = _kernel_paths.StructuredPath()
 
     def __init__(self, amount, dim=-1):
         _validate_pruning_amount_init(amount)
@@ -866,8 +705,8 @@ class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        keep = _structured_keep(self, t)
-        return default_mask if keep is None else _channel_mask(t, self.dim, keep, default_mask)
+        keep = _kernel_paths.structured_keep(self, t)
+        return default_mask if keep is None else _kernel_paths.channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, dim=-1):
@@ -897,6 +736,7 @@ class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
     """
 
     PRUNING_TYPE = "structured"
+    _kernel = _kernel_paths.StructuredPath()
 
     def __init__(self, amount, n, dim=-1):
         _validate_pruning_amount_init(amount)
@@ -916,8 +756,8 @@ class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        keep = _structured_keep(self, t)
-        return default_mask if keep is None else _channel_mask(t, self.dim, keep, default_mask)
+        keep = _kernel_paths.structured_keep(self, t)
+        return default_mask if keep is None else _kernel_paths.channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, n, dim, importance_scores=None):
@@ -1009,6 +849,7 @@ class L1SemiStructured(BasePruningMethod):
     """
 
     PRUNING_TYPE = "unstructured"
+    _kernel = _kernel_paths.SegmentedPath()
 
     def __init__(self, n=2, m=4, dim=-1):
         _validate_int("n", n)
@@ -1036,7 +877,7 @@ class L1SemiStructured(BasePruningMethod):
             raise ValueError(
                 f"L1SemiStructured: the size of dim {self.dim} ({size}) must be a multiple "
                 f"of m={self.m}, got a tensor of shape {tuple(t.shape)}")
-        return _segmented_select(t, default_mask, dim=self.dim, group=self.m, count=self.n, keep=True)
+        return _kernel_paths.segmented_select(t, default_mask, dim=self.dim, group=self.m, count=self.n, keep=True)
 
     @classmethod
     def apply(cls, module, name, n=2, m=4, dim=-1, importance_scores=None):
@@ -1077,6 +918,7 @@ class ChannelwiseL1Unstructured(BasePruningMethod):
     """
 
     PRUNING_TYPE = "unstructured"
+    _kernel = _kernel_paths.SegmentedPath()
 
     def __init__(self, amount, dim=0):
         _validate_pruning_amount_init(amount)
@@ -1099,10 +941,10 @@ class ChannelwiseL1Unstructured(BasePruningMethod):
         _validate_pruning_dim(t, self.dim)
         channels = t.shape[self.dim]
         if not isinstance(self.amount, numbers.Integral):
-            return _segmented_select(t, default_mask, dim=self.dim, fraction=float(self.amount))
+            return _kernel_paths.segmented_select(t, default_mask, dim=self.dim, fraction=float(self.amount))
         _validate_pruning_amount(self.amount, t.numel() // channels if channels else 0)
         _check_count(self.amount)
-        return _segmented_select(t, default_mask, dim=self.dim, count=self.amount)
+        return _kernel_paths.segmented_select(t, default_mask, dim=self.dim, count=self.amount)
 
     @classmethod
     def apply(cls, module, name, amount, dim=0, importance_scores=None):
@@ -1133,28 +975,6 @@ def _check_not_in_reference_container(cls, module, name):
             raise TypeError(
                 f"{cls.__name__} cannot join the torch.nn.utils.prune.PruningContainer of "
                 f"{name}: it gathers the unpruned entries into 1-D, losing the groups and slices")
-
-
-def _segmented_select(t, mask, **kwargs):
-    """:func:`fastprune.ops.segmented_mask` of ``|t|`` on ``mask``'s device,
-    its live entries those at 1 (a complex mask, of a complex parameter, is
-    read through them: the kernel takes real masks). Each rank's shard
-    alone for a DTensor, where every group or slice lies in one shard."""
-    _backends.check_like(mask, t, "the mask")
-    return _backends.of(t, mask).per_segment(t, mask, kwargs["dim"], not kwargs.get("group"),
-                                             lambda s, m: _segment_kernel(s, m, **kwargs))
-
-
-def _segment_kernel(t, mask, **kwargs):
-    scores = _backends.magnitude_scores(t)
-    if scores.device != mask.device:
-        scores = scores.to(mask.device)
-    mask = mask.detach()
-    if mask.is_complex():
-        live = mask == 1
-        kept = ops.segmented_mask(scores, live, **kwargs)
-        return mask.masked_fill(live & ~kept, 0)
-    return ops.segmented_mask(scores, mask, **kwargs)
 
 
 _ORIGINAL_COMPUTE_MASK = {
@@ -1476,57 +1296,6 @@ def _share_first_mask(module, name):
     buffer = getattr(module, name + "_mask")
     if type(hook) is CustomFromMask and hook.mask.dtype == buffer.dtype:
         hook.mask = buffer
-
-
-def _promoted_scores(scores):
-    """The scores as ``torch.cat`` would promote them, one tensor each, uncopied where possible."""
-    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores])
-    return [s.detach().to(dtype) for s in scores], dtype
-
-
-def _kernel_operands(currents, scores, masks):
-    """The scores in their promoted dtype, that dtype, and each tensor's
-    current mask (a stride-0 view of a single one for an unpruned one)."""
-    scores, dtype = _promoted_scores(scores)
-    olds = [_unpruned_mask(c, s) if m is None else m.detach() for c, s, m in zip(currents, scores, masks)]
-    return scores, dtype, olds
-
-
-def _magnitude_masks(amount, currents, scores, masks):
-    """L1 masks of one or several tensors ranked together (global pruning, and
-    a container's unstructured step), without concatenating or gathering
-    anything; one new mask per tensor, in the scores' promoted dtype.
-
-    ``masks`` holds each tensor's current mask, or None for an unpruned one.
-    Candidates are the entries still at 1; ``|score|`` is ranked across all
-    parameters with one multi-tensor select.
-    """
-    scores, dtype, olds = _kernel_operands(currents, scores, masks)
-    new = _backends.of(*scores).magnitude_masks(amount, currents, scores, olds, masks)
-    return [m.to(dtype) for m in new]
-
-
-def _random_masks(amount, currents, scores, masks):
-    """Random masks, as :func:`_magnitude_masks` takes its arguments: one draw
-    per candidate in concatenation order, exactly as the reference, then the
-    k largest draws are pruned. On the meta device nothing is drawn. DTensors
-    take draws keyed by global position instead (docs/distributed.md)."""
-    scores, dtype, olds = _kernel_operands(currents, scores, masks)
-    new = _backends.of(*scores).random_masks(amount, currents, scores, olds, masks, dtype)
-    return [m.to(dtype) for m in new]
-
-
-# The kernel path of each of our methods, by exact class; a subclass, or a
-# method whose compute_mask was replaced (see _is_plain), takes the generic
-# path of the reference's algorithm.
-_KERNEL_PATHS = {
-    L1Unstructured: _UnstructuredPath(_magnitude_masks, random=False),
-    RandomUnstructured: _UnstructuredPath(_random_masks, random=True),
-    LnStructured: _StructuredPath(),
-    RandomStructured: _StructuredPath(),
-    L1SemiStructured: _SegmentedPath(),
-    ChannelwiseL1Unstructured: _SegmentedPath(),
-}
 
 
 def _global_reference_masks(container, currents, scores, masks):
