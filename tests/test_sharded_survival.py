@@ -145,16 +145,6 @@ def rank_dies_mid_prune(rank, world):
 PARTITIONED = [empty_rank_l1, empty_rank_amount_compared, dtensors_refused]
 
 
-@pytest.fixture(scope="module", params=WORLDS)
-def partitioned(request):
-    return run_ranks(request.param, run_checks, PARTITIONED, pg_timeout=PG_TIMEOUT)
-
-
-@pytest.mark.parametrize("check", [c.__name__ for c in PARTITIONED])
-def test_partitioned(partitioned, check):
-    outcome(partitioned, check)
-
-
 def test_rank_dies_mid_prune():
     waited = run_ranks(3, rank_dies_mid_prune, pg_timeout=PG_TIMEOUT, lost=[2])
     assert all(w < PG_TIMEOUT + 15 for w in waited[:2]), waited
@@ -332,16 +322,6 @@ def structured_reprune_of_1d(rank, world):
 DTENSOR = [strided_shard_masks, bad_pair_on_one_rank, local_failure_everywhere, structured_reprune_of_1d]
 
 
-@pytest.fixture(scope="module", params=WORLDS)
-def dtensors(request):
-    return run_ranks(request.param, run_checks, DTENSOR, pg_timeout=PG_TIMEOUT)
-
-
-@pytest.mark.parametrize("check", [c.__name__ for c in DTENSOR])
-def test_dtensor(dtensors, check):
-    outcome(dtensors, check)
-
-
 def test_rank_raises_mid_prune():
     results = run_ranks(2, run_checks, [rank_raises_mid_prune], pg_timeout=10)
     outcome(results, "rank_raises_mid_prune")
@@ -442,6 +422,16 @@ def write_ones(ref, model):
                 m.weight.to_local().fill_(1.0)
 
 
+def masks_in_force(ref, model):
+    """The model equals the reference, a write outside any optimizer is
+    masked before the next forward, and two training steps hold the zeros."""
+    same_model(ref, model)
+    write_ones(ref, model)
+    same_model(ref, model)
+    model.reshard()
+    train_both(ref, model, 2)
+
+
 def fsdp_apply(rank, world):
     """``.to()``, ``.float()``, ``.double()`` keep the masks in force (mask
     converted with the parameter; an optimizer made before keeps working)."""
@@ -459,11 +449,7 @@ def fsdp_apply(rank, world):
         loss(m, 0).backward()
         opt.step()
     assert_pruned_zero(model)
-    same_model(ref, model)
-    write_ones(ref, model)
-    same_model(ref, model)
-    model.reshard()
-    train_both(ref, model, 2)
+    masks_in_force(ref, model)
 
 
 def fsdp_meta_to_empty_load(rank, world):
@@ -478,11 +464,7 @@ def fsdp_meta_to_empty_load(rank, world):
         FAST.identity(m, name)
     fresh.to_empty(device="cpu")
     fresh.load_state_dict(state)
-    same_model(ref, fresh)
-    write_ones(ref, fresh)
-    same_model(ref, fresh)
-    fresh.reshard()
-    train_both(ref, fresh, 2)
+    masks_in_force(ref, fresh)
 
 
 def fsdp_assign_load(rank, world):
@@ -595,11 +577,23 @@ FSDP = [fsdp_hooks_reach, fsdp_apply, fsdp_meta_to_empty_load, fsdp_assign_load,
         fsdp_forward_method]
 
 
-@pytest.fixture(scope="module", params=WORLDS)
-def fsdp_results(request):
-    return run_ranks(request.param, run_checks, FSDP, pg_timeout=PG_TIMEOUT, timeout=300)
+
+# ----------------------------------------------------------------------------
+# One spawn per (group, world size), one test per check
+# ----------------------------------------------------------------------------
+
+GROUPS = {"partitioned": PARTITIONED, "dtensor": DTENSOR, "fsdp": FSDP}
+_SPAWNED = {}
 
 
-@pytest.mark.parametrize("check", [c.__name__ for c in FSDP])
-def test_fsdp(fsdp_results, check):
-    outcome(fsdp_results, check)
+def results_of(group, world):
+    """Every rank's outcome of every check of ``group``, spawned once."""
+    if (group, world) not in _SPAWNED:
+        _SPAWNED[group, world] = run_ranks(world, run_checks, GROUPS[group], pg_timeout=PG_TIMEOUT, timeout=300)
+    return _SPAWNED[group, world]
+
+
+@pytest.mark.parametrize("group,world,check", [(g, w, c.__name__) for g, checks in GROUPS.items()
+                                               for w in WORLDS for c in checks])
+def test_check(group, world, check):
+    outcome(results_of(group, world), check)
