@@ -142,7 +142,17 @@ def rank_dies_mid_prune(rank, world):
     return time.monotonic() - started
 
 
-PARTITIONED = [empty_rank_l1, empty_rank_amount_compared, dtensors_refused]
+def l1_leaves_the_generator_alone(rank, world):
+    """An L1 prune draws no random number, partitioned as in one process."""
+    import fastprune.distributed as D
+
+    mine = layers()
+    state = torch.get_rng_state()
+    D.global_unstructured([(mine[rank], "weight")], FAST.L1Unstructured, amount=0.4)
+    assert FAST.is_pruned(mine[rank]) and torch.equal(torch.get_rng_state(), state)
+
+
+PARTITIONED = [empty_rank_l1, empty_rank_amount_compared, dtensors_refused, l1_leaves_the_generator_alone]
 
 
 def test_rank_dies_mid_prune():
