@@ -808,8 +808,8 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
                 f"default_mask shape {default_mask.shape} must match "
                 f"self.mask shape {self.mask.shape}")
         _backends.check_like(self.mask, default_mask, "the mask")
-        if (id(self.mask) in _ADOPTABLE_MASKS and self.mask.dtype == default_mask.dtype
-                and ops.is_broadcast_one(default_mask)):  # (_first_mask's ones)
+        if (getattr(self.mask, "_fastprune_owned", False) and self.mask.dtype == default_mask.dtype
+                and ops.is_broadcast_one(default_mask)):  # (_apply_owned's mask, _first_mask's ones)
             return self.mask  # ones times the mask: the mask itself, not a copy
         return default_mask * self.mask.to(dtype=default_mask.dtype)
 
@@ -826,6 +826,19 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
             BasePruningMethod: the hook now registered.
         """
         return super().apply(module, name, mask=mask)
+
+    @classmethod
+    def _apply_owned(cls, module, name, mask):
+        """:meth:`apply` with a fresh mask that nobody else holds (a global
+        prune's share of its select): on a first prune the buffer is then
+        ``mask`` itself rather than ``ones * mask``, so one tensor, not two,
+        holds it (with :func:`_share_first_mask` for the hook's copy). The
+        mask is marked for the duration of this call only."""
+        mask._fastprune_owned = True
+        try:
+            return cls.apply(module, name, mask)
+        finally:
+            del mask._fastprune_owned
 
 
 class L1SemiStructured(BasePruningMethod):
@@ -1265,11 +1278,7 @@ def _apply_global_masks(parameters, own_masks, masks):
     try:
         with _layouts.finished_together():  # in place, values change only once all succeeded
             for i, (module, name) in enumerate(parameters):
-                _ADOPTABLE_MASKS.add(id(own_masks[i]))
-                try:
-                    custom_from_mask(module, name, mask=own_masks[i])
-                finally:
-                    _ADOPTABLE_MASKS.discard(id(own_masks[i]))
+                CustomFromMask._apply_owned(module, name, own_masks[i])
                 own_masks[i] = None
                 if masks[i] is None:
                     _share_first_mask(module, name)
@@ -1279,12 +1288,6 @@ def _apply_global_masks(parameters, own_masks, masks):
         for key, snapshot in saved.items():
             snapshot.restore(reassigned=[name for module, name in done if id(module) == key])
         raise
-
-
-# ids of the fresh masks global_unstructured is applying right now: fastprune's
-# own tensors, which nobody else holds, so that a first prune's CustomFromMask
-# may keep one as the buffer instead of a copy (1 * mask) of it.
-_ADOPTABLE_MASKS = set()
 
 
 def _share_first_mask(module, name):
