@@ -13,9 +13,12 @@ when pruning, :func:`of` afterwards) and lets that object do what differs:
 
 The methods in :mod:`fastprune.prune` stay layout-agnostic: they compute
 masks; the layout installs, publishes and removes them. Rollback is the
-module snapshot's (:class:`fastprune.prune._ModuleSnapshot`): both layouts
-change the module's dicts only, and the in-place one changes values last.
+module :class:`Snapshot`'s: both layouts change the module's dicts only, and
+the in-place one changes values last.
 """
+import torch
+from torch.nn.utils import prune as _torch_prune
+
 from . import dtensor, fsdp
 
 
@@ -112,3 +115,52 @@ def of(module, name):
     still a registered parameter (the reference's layout moved it to
     ``<name>_orig``)."""
     return InPlace() if name in module._parameters else REPARAMETRIZED
+
+
+class Snapshot:
+    """What pruning tensors ``names`` of ``module`` may change, to put back on failure.
+
+    Parameters, buffers and forward pre-hooks (contents and order), the
+    non-persistent buffer set, the members of existing pruning containers and
+    the cached attributes ``module.<name>``.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, module, names):
+        self.module = module
+        self.parameters = list(module._parameters.items())
+        self.buffers = list(module._buffers.items())
+        self.non_persistent = set(module._non_persistent_buffers_set)
+        self.hooks = list(module._forward_pre_hooks.items())
+        self.members = [(hook, hook._pruning_methods) for _, hook in self.hooks
+                        if isinstance(hook, _torch_prune.PruningContainer)]
+        self.cached = {name: module.__dict__.get(name, self._MISSING) for name in names}
+
+    def restore(self, reassigned=()):
+        """Put the module back.
+
+        Args:
+            reassigned (Iterable[str]): names that were assigned with
+                ``setattr`` since the snapshot; a module class with its own
+                ``__setattr__`` (RNN ``_flat_weights``) sees their old values
+                assigned again.
+        """
+        module = self.module
+        for live, items in ((module._parameters, self.parameters),
+                            (module._buffers, self.buffers),
+                            (module._forward_pre_hooks, self.hooks)):
+            live.clear()
+            live.update(items)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(self.non_persistent)
+        for container, members in self.members:
+            container._pruning_methods = members
+        for name, value in self.cached.items():
+            if value is self._MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+        if type(module).__setattr__ is not torch.nn.Module.__setattr__:
+            for name in reassigned:
+                setattr(module, name, getattr(module, name))

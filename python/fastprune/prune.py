@@ -190,7 +190,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             raise AssertionError(
                 f"Avoid adding multiple pruning hooks to the same tensor {name} "
                 f"of module {module}. Use a PruningContainer.")
-        saved = _ModuleSnapshot(module, [name])
+        saved = _layouts.Snapshot(module, [name])
         old = hooks.pop(found[0]) if found else None
         assigned = False
         try:
@@ -301,55 +301,6 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if copying_module:
             _remember_module(new, memo[id(module)])
         return new
-
-
-class _ModuleSnapshot:
-    """What pruning tensors ``names`` of ``module`` may change, to put back on failure.
-
-    Parameters, buffers and forward pre-hooks (contents and order), the
-    non-persistent buffer set, the members of existing pruning containers and
-    the cached attributes ``module.<name>``.
-    """
-
-    _MISSING = object()
-
-    def __init__(self, module, names):
-        self.module = module
-        self.parameters = list(module._parameters.items())
-        self.buffers = list(module._buffers.items())
-        self.non_persistent = set(module._non_persistent_buffers_set)
-        self.hooks = list(module._forward_pre_hooks.items())
-        self.members = [(hook, hook._pruning_methods) for _, hook in self.hooks
-                        if isinstance(hook, _AnyContainer)]
-        self.cached = {name: module.__dict__.get(name, self._MISSING) for name in names}
-
-    def restore(self, reassigned=()):
-        """Put the module back.
-
-        Args:
-            reassigned (Iterable[str]): names that were assigned with
-                ``setattr`` since the snapshot; a module class with its own
-                ``__setattr__`` (RNN ``_flat_weights``) sees their old values
-                assigned again.
-        """
-        module = self.module
-        for live, items in ((module._parameters, self.parameters),
-                            (module._buffers, self.buffers),
-                            (module._forward_pre_hooks, self.hooks)):
-            live.clear()
-            live.update(items)
-        module._non_persistent_buffers_set.clear()
-        module._non_persistent_buffers_set.update(self.non_persistent)
-        for container, members in self.members:
-            container._pruning_methods = members
-        for name, value in self.cached.items():
-            if value is self._MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
-        if type(module).__setattr__ is not torch.nn.Module.__setattr__:
-            for name in reassigned:
-                setattr(module, name, getattr(module, name))
 
 
 def _honours_torch_replacement(torch_cls):
@@ -1273,7 +1224,7 @@ def _apply_global_masks(parameters, own_masks, masks):
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
-    saved = {key: _ModuleSnapshot(module, module_names) for key, (module, module_names) in names.items()}
+    saved = {key: _layouts.Snapshot(module, module_names) for key, (module, module_names) in names.items()}
     done = []
     try:
         with _layouts.finished_together():  # in place, values change only once all succeeded
