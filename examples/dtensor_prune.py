@@ -17,4 +17,5 @@ for layer in layers:
 prune.global_unstructured([(m, "weight") for m in layers], prune.L1Unstructured, amount=0.5)
 prune.ln_structured(layers[1], "weight", amount=0.25, n=2, dim=0)  # a second round: whole rows
 print(dist.get_rank(), layers[0].weight_mask.placements, layers[0].weight_mask.to_local().shape)
+dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()

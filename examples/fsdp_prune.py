@@ -42,4 +42,5 @@ for m, name in linears(fresh):
 weights = [m.weight.full_tensor() for m, _ in linears(fresh)]
 print(dist.get_rank(), type(fresh[0][0].weight).__name__,  # rank, DTensor, 0.5 of the weights zero
       sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+dist.barrier()  # every rank done before the group goes
 dist.destroy_process_group()

@@ -12,21 +12,32 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
+# torch 2.13's gloo teardown sometimes aborts a process at exit, after the
+# script has finished ("terminate called without an active exception": 3 of
+# 12 torchrun runs of a plain DTensor script without fastprune on the 2-core
+# VM). A run that ends that way is tried again, at most twice.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_script(name, tmp_path, nproc=None):
     """Run examples/<name> in a subprocess (under torchrun with ``nproc``
     processes); its stdout, one list of words per rank."""
     script = str(EXAMPLES / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc is None:
-        cmd = [sys.executable, script]
-    else:  # one stdout file per rank: prints do not interleave
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "--log-dir", str(tmp_path / "logs"), "--redirects", "1", script]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(3):
+        logs = tmp_path / f"logs{attempt}"
+        if nproc is None:
+            cmd = [sys.executable, script]
+        else:  # one stdout file per rank: prints do not interleave
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   "--log-dir", str(logs), "--redirects", "1", script]
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 or TEARDOWN_ABORT not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-4000:]
     if nproc is None:
         return [run.stdout.split()]
-    return sorted(f.read_text().split() for f in (tmp_path / "logs").rglob("stdout.log"))
+    return sorted(f.read_text().split() for f in logs.rglob("stdout.log"))
 
 
 def test_every_example_is_run_here():
