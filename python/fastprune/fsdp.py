@@ -216,7 +216,7 @@ def _enforce(entries, force=False):
     written since they were last masked (all of them with ``force``), and
     hook the gradient of any that lost the hook (a swapped or assigned
     parameter)."""
-    values, masks = [], []
+    stale, values, masks = [], [], []
     for module, name, held in entries:
         param = module._parameters[name]
         if held.grad_hook is None or not _has_hook(param, held.grad_hook):
@@ -226,11 +226,12 @@ def _enforce(entries, force=False):
                 functools.partial(_mask_grad, weakref.ref(module), name))
         if force or held.masked != _stamp(module, name):
             v, m = _local(module, name), _local(module, name, "_mask")
+            stale.append((module, name, held))
             values.append(v)
             masks.append(m.to(v.dtype))
     if values:
         torch._foreach_mul_(values, masks)
-    for module, name, held in entries:
+    for module, name, held in stale:  # (the masking bumped their local versions)
         held.masked = _stamp(module, name)
 
 
