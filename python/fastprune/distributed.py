@@ -58,10 +58,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
             (method, amount, dtype) or some rank failed before pruning.
     """
     comm = _crossrank.Comm([group], "cpu")
-    random = issubclass(pruning_method, prune._torch_prune.RandomUnstructured) if isinstance(
-        pruning_method, type) else False
-    seed = _crossrank.draw_seed() if random else None  # L1 leaves the generator alone, as in one process
-    prepared, error, dtype, device = None, None, None, None
+    prepared, error, dtype, device, random, seed = None, None, None, None, False, None
     try:
         prepared = prune._prepare_global(parameters, importance_scores, pruning_method, kwargs,
                                          allow_empty=True)
@@ -75,6 +72,8 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
             raise NotImplementedError(
                 "fastprune.distributed.global_unstructured: only L1Unstructured and "
                 f"RandomUnstructured, got {pruning_method}")
+        random = path.random
+        seed = _crossrank.draw_seed() if random else None  # L1 leaves the generator alone, as in one process
         dtype, device = prepared.dtype, prepared.device
     except Exception as e:  # reported to every rank by agree()
         error = e
