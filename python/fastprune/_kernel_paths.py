@@ -84,7 +84,8 @@ class StructuredPath(KernelPath):
 
     def step(self, method, t, mask):
         dim = structured_dim(method, t)
-        return structured_on_live(method, t, mask, dim, live_channels(mask, dim))
+        backend = _backends.of(t, mask)
+        return structured_on_live(backend, method, t, mask, dim, backend.live_channels(mask, dim))
 
 
 class SegmentedPath(KernelPath):
@@ -143,12 +144,6 @@ def random_masks(amount, currents, scores, masks):
     return [m.to(dtype) for m in new]
 
 
-def select(scores, mask, **kwargs):
-    """:func:`fastprune.ops.unstructured_mask` on ``mask``'s device (across
-    ranks for a DTensor)."""
-    return _backends.of(scores).select(scores, mask, **kwargs)
-
-
 def structured_dim(method, t):
     """The container's channel dim of a structured member, made non-negative."""
     if not hasattr(method, "dim"):
@@ -162,15 +157,9 @@ def structured_dim(method, t):
     return dim
 
 
-def live_channels(mask, dim):
-    """The reference's live channels, ``mask.sum(dim=<all but dim>) != 0``
-    (see :meth:`fastprune._backends.Local.live_channels`)."""
-    return _backends.of(mask).live_channels(mask, dim)
-
-
-def structured_keep(method, t, live=None):
+def structured_keep(backend, method, t, live=None):
     """Which channels of ``t`` along ``method.dim`` a structured method keeps:
-    one 0/1 per channel, or None when it prunes none.
+    one 0/1 per channel, or None when it prunes none (``backend``: ``t``'s).
 
     With ``live`` (one bool per channel), only the live channels take part, as
     if ``t`` were ``t[live]`` along the dim (the container's view): amounts,
@@ -188,7 +177,10 @@ def structured_keep(method, t, live=None):
     k = _compute_nparams_toprune(method.amount, channels)
     _validate_pruning_amount(k, channels)
     if isinstance(method, _torch_prune.LnStructured):
-        norms = channel_norms(t, method.n, dim)
+        # One pass of the kernel for real n ('fro' on 2-D: the 2-norm), else
+        # the reference's _compute_norm; float64 sums, so norms equal up to
+        # rounding may rank differently than torch's.
+        norms = backend.channel_norms(t, method.n, dim)
         if live is not None:
             norms = norms[live]
         if k == 0:
@@ -200,7 +192,7 @@ def structured_keep(method, t, live=None):
         if k == 0:
             return None
         draws = torch.rand(channels)  # CPU default generator, as the reference
-        draws = _backends.of(t).shared_draws(t, draws)
+        draws = backend.shared_draws(t, draws)
         keep = draws > torch.kthvalue(draws, k=k).values
     if live is None:
         return keep
@@ -209,28 +201,14 @@ def structured_keep(method, t, live=None):
     return full
 
 
-def channel_norms(t, n, dim):
-    """Norms that rank ``t``'s channels: one pass of the kernel for real ``n``
-    (and ``'fro'`` on 2-D tensors, the 2-norm there), else the reference's
-    :func:`fastprune._twins._compute_norm` (its errors included). The kernel accumulates in
-    float64, so norms equal up to rounding may rank differently than torch's."""
-    return _backends.of(t).channel_norms(t, n, dim)
-
-
-def channel_mask(t, dim, keep, default_mask):
-    """Mask of ``t``'s dtype and format: ``default_mask`` times ``keep[channel]``
-    along ``dim`` (``keep``: one 0/1 per channel), written in one pass."""
-    return _backends.of(default_mask).channel_mask(t, dim, keep, default_mask)
-
-
-def structured_on_live(method, t, mask, dim, live):
+def structured_on_live(backend, method, t, mask, dim, live):
     """Container path for our structured methods: the last method ranks only
     the channels not yet all zero, without gathering ``t`` or the mask."""
-    keep = structured_keep(method, t, live)
+    keep = structured_keep(backend, method, t, live)
     new = mask.to(dtype=t.dtype)
     if keep is None:
         return new
-    return _backends.of(new).scale_channels(t, dim, keep, new)
+    return backend.scale_channels(t, dim, keep, new)
 
 
 def segmented_select(t, mask, **kwargs):

@@ -454,7 +454,8 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         path = _container_path(self, t, mask)
         if path is not None:
             return path.step(method, t, mask)
-        if not _backends.of(t).boolean_indexing:
+        backend = _backends.of(t)
+        if not backend.boolean_indexing:
             # No boolean indexing of DTensors: a method that ignores the
             # region (Identity) or covers it all ("global") runs on the whole.
             if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
@@ -477,7 +478,7 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
         elif pruning_type == "structured":
             dim = _kernel_paths.structured_dim(method, t)
             region = [slice(None)] * t.dim()
-            region[dim] = _kernel_paths.live_channels(mask, dim)
+            region[dim] = backend.live_channels(mask, dim)
             region = tuple(region)
         elif pruning_type == "global":
             region = (slice(None),) * t.dim()
@@ -604,7 +605,7 @@ class L1Unstructured(BasePruningMethod, _torch_prune.L1Unstructured):
         k = _checked_count(self.amount, t.nelement())
         if k == 0:
             return default_mask.clone()
-        return _kernel_paths.select(_backends.magnitude_scores(t), default_mask, count=k)
+        return _backends.of(t).select(_backends.magnitude_scores(t), default_mask, count=k)
 
     @classmethod
     def apply(cls, module, name, amount, importance_scores=None):
@@ -656,8 +657,9 @@ class RandomStructured(BasePruningMethod, _torch_prune.RandomStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        keep = _kernel_paths.structured_keep(self, t)
-        return default_mask if keep is None else _kernel_paths.channel_mask(t, self.dim, keep, default_mask)
+        backend = _backends.of(t, default_mask)
+        keep = _kernel_paths.structured_keep(backend, self, t)
+        return default_mask if keep is None else backend.channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, dim=-1):
@@ -707,8 +709,9 @@ class LnStructured(BasePruningMethod, _torch_prune.LnStructured):
             torch.Tensor: the mask, with ``t``'s dtype (``default_mask`` itself
             when nothing is pruned).
         """
-        keep = _kernel_paths.structured_keep(self, t)
-        return default_mask if keep is None else _kernel_paths.channel_mask(t, self.dim, keep, default_mask)
+        backend = _backends.of(t, default_mask)
+        keep = _kernel_paths.structured_keep(backend, self, t)
+        return default_mask if keep is None else backend.channel_mask(t, self.dim, keep, default_mask)
 
     @classmethod
     def apply(cls, module, name, amount, n, dim, importance_scores=None):
