@@ -4,6 +4,7 @@ processes (gloo on loopback), each with a time limit."""
 import os
 import pathlib
 import runpy
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,21 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
+def run_bounded(cmd, cwd, env, timeout=300):
+    """``cmd`` in a session of its own; past ``timeout`` seconds the whole
+    session (torchrun and its workers) is killed and the test fails, so a
+    hung worker cannot keep the output pipes, and CI, waiting."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} ran past {timeout} s and was killed:\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_script(name, tmp_path, nproc=None):
     """Run examples/<name> in a subprocess (under torchrun with ``nproc``
     processes); its stdout, one list of words per rank."""
@@ -31,7 +47,7 @@ def run_script(name, tmp_path, nproc=None):
         else:  # one stdout file per rank: prints do not interleave
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    "--log-dir", str(logs), "--redirects", "1", script]
-        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        run = run_bounded(cmd, tmp_path, env)
         if run.returncode == 0 or TEARDOWN_ABORT not in run.stderr:
             break
     assert run.returncode == 0, run.stderr[-4000:]
