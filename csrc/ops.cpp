@@ -76,6 +76,19 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "segmented_mask(Tensor scores, Tensor mask, int dim, int group, int count, "
       "float fraction, bool keep) -> Tensor");
+  // Packed masks (the in-place layout's mask="bits"): one bit per entry. A
+  // tensor is read as rows of its last dimension (0-d: one row of one entry);
+  // a row of n entries packs into ceil(n / 8) bytes, entry 8 b + j in bit j
+  // (least significant first) of byte b, padding bits 0. The packed shape is
+  // (*shape[:-1], ceil(shape[-1] / 8)), (1,) for 0-d.
+  //
+  // The packed mask of `mask` (any dtype): bit set where the entry is nonzero.
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  // The bool mask of shape (*packed.shape[:-1], n) that `packed` holds.
+  m.def("unpack_mask(Tensor packed, int n) -> Tensor");
+  // Zeroes the entries of the contiguous tensor `t` whose bit in `packed`
+  // (t's packed shape) is clear; the others keep their value.
+  m.def("mask_packed_(Tensor(a!) t, Tensor packed) -> ()");
   // The norm of every slice of `t` along `dim` (all other dimensions reduced),
   // as float64 of shape (t.size(dim),): p = inf is max |x|, -inf min |x|, 0
   // the count of non-zeros, else (sum |x|^p)^(1/p), as torch.linalg.vector_norm

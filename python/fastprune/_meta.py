@@ -1,7 +1,7 @@
 """Fake (meta) kernels: shapes, dtypes and strides of every op's result."""
 import torch
 
-from .ops import is_broadcast_one
+from .ops import is_broadcast_one, packed_shape
 
 
 @torch.library.register_fake("fastprune::unstructured_mask")
@@ -68,3 +68,22 @@ def _count_at_key_fake(scores, masks, key, only_ones, largest):
 def _masks_at_threshold_fake(scores, masks, key, skip, take, only_ones, largest):
     torch._check(len(scores) == len(masks), lambda: "masks_at_threshold: as many masks as scores")
     return [_unstructured_mask_fake(s, m, 0, 0.0, only_ones, largest) for s, m in zip(scores, masks)]
+
+
+@torch.library.register_fake("fastprune::pack_mask")
+def _pack_mask_fake(mask):
+    return mask.new_empty(packed_shape(mask.shape), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fastprune::unpack_mask")
+def _unpack_mask_fake(packed, n):
+    torch._check(packed.dim() >= 1, lambda: "unpack_mask: expected a packed mask with at least one dimension")
+    torch._check(packed.dtype == torch.uint8, lambda: "unpack_mask: a packed mask is uint8")
+    torch._check(packed.shape[-1] == (n + 7) // 8, lambda: "unpack_mask: the packed mask's last size is not ceil(n / 8)")
+    return packed.new_empty((*packed.shape[:-1], n), dtype=torch.bool)
+
+
+@torch.library.register_fake("fastprune::mask_packed_")
+def _mask_packed_fake(t, packed):
+    torch._check(tuple(packed.shape) == packed_shape(t.shape), lambda: "mask_packed_: the packed mask's shape")
+    torch._check(packed.dtype == torch.uint8, lambda: "mask_packed_: a packed mask is uint8")

@@ -228,6 +228,40 @@ def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     return torch.ops.fastprune.channel_norms(t, dim, float(p))
 
 
+def packed_shape(shape) -> tuple:
+    """The shape of the packed mask of a tensor of shape ``shape``:
+    ``(*shape[:-1], ceil(shape[-1] / 8))``, and ``(1,)`` for 0-d."""
+    shape = tuple(shape)
+    return (*shape[:-1], (shape[-1] + 7) // 8) if shape else (1,)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The packed mask (``torch.uint8``, :func:`packed_shape`) of ``mask``.
+
+    Rows of the last dimension pack into bytes: entry ``8*b + j`` of a row is
+    bit ``j`` (least significant first) of the row's byte ``b``, set where the
+    entry is nonzero; the padding bits of a row's last byte are 0.
+    """
+    return torch.ops.fastprune.pack_mask(mask)
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The bool mask of shape ``shape`` that ``packed`` holds (see :func:`pack_mask`)."""
+    shape = tuple(shape)
+    out = torch.ops.fastprune.unpack_mask(packed, shape[-1] if shape else 1)
+    return out if shape else out.reshape(())
+
+
+def mask_packed_(t: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of ``t`` whose bit in ``packed`` is clear, in place;
+    returns ``t``. A non-contiguous ``t`` goes through an unpacked copy."""
+    if t.is_contiguous():
+        torch.ops.fastprune.mask_packed_(t, packed)
+    else:
+        t.mul_(unpack_mask(packed, t.shape))
+    return t
+
+
 def cached_empty_like(t: torch.Tensor) -> torch.Tensor:
     """An uninitialized tensor like ``t`` (dtype, sizes and strides as
     ``torch.empty_like(t)``), never requiring grad.
