@@ -541,19 +541,20 @@ def fsdp_hooks_reach(rank, world):
     indexed once per model, not walked per pair."""
     import gc
 
+    import fastprune._in_place as I
     import fastprune.fsdp as F
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     gc.collect()  # the other checks' models
 
     def ours():
-        return [h for h in _global_optimizer_post_hooks.values() if h is F._after_step]
+        return [h for h in _global_optimizer_post_hooks.values() if h is I._after_step]
 
     ref, model = pruned_pair(world)
     assert len(ours()) == 1
     masked = []
-    real = F._enforce
-    F._enforce = lambda entries, force=False: (masked.append(len(entries)), real(entries, force))
+    real = I.enforce
+    I.enforce = lambda entries, force=False: (masked.append(len(entries)), real(entries, force))
     try:
         other = nn.Sequential(*(nn.Linear(4, 4) for _ in range(50)))
         opt = torch.optim.SGD(other.parameters(), lr=0.1)
@@ -561,7 +562,7 @@ def fsdp_hooks_reach(rank, world):
         opt.step()
         assert masked == [], masked
     finally:
-        F._enforce = real
+        I.enforce = real
     tables = []
     real_index = F._index
 
@@ -579,7 +580,7 @@ def fsdp_hooks_reach(rank, world):
     assert len(tables) == 1, len(tables)
     for m, name in linears(model):
         FAST.remove(m, name)
-    assert ours() == [] and not F._HELD
+    assert ours() == [] and not I._HELD
 
 
 # fsdp_hooks_reach first: it counts every held parameter of the process.

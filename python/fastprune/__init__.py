@@ -27,6 +27,7 @@ except ImportError as e:
     ) from e
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops, prune
+from ._in_place import in_place  # noqa: F401
 from .ops import cache_info, empty_cache, set_cache_limit  # noqa: F401
 from .prune import *  # noqa: F401,F403
 from .patch import is_patched, patch, patched, unpatch  # noqa: F401  (shadows the submodule name)

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import dtensor, ops
+from . import _in_place, dtensor, ops
 from ._twins import _check_count, _check_draws, _checked_count, _compute_nparams_toprune, _compute_norm, \
     _validate_pruning_amount
 
@@ -63,6 +63,28 @@ class Local:
         """Nothing to agree with: raise ``error`` if there is one."""
         if error is not None:
             raise error
+
+    def assign(self, param, value):
+        """Give the parameter ``param`` the values of ``value``."""
+        param.data = value.data
+
+    def mask_format(self, param, fmt):
+        """The in-place mask format ``param`` gets when ``fmt`` is asked for."""
+        return fmt
+
+    def stored_mask(self, mask, fmt, param):
+        """The computed ``mask`` of ``param`` in format ``fmt`` (see
+        :mod:`fastprune._in_place`)."""
+        return _in_place.stored(mask, fmt, param)
+
+    def live_set(self, buffer, fmt, param):
+        """The in-place mask ``buffer`` as a select reads it (all live where
+        None); the local selects read every format."""
+        return _in_place.all_live(fmt, param) if buffer is None else buffer
+
+    def unpacked_mask(self, buffer, param):
+        """The stored mask ``buffer`` of ``param`` as a tensor of its shape."""
+        return _in_place.unpacked(buffer, param.shape)
 
     def ones_like(self, orig, scores):
         """All ones shaped like ``orig``, for a kernel: a stride-0 view of a
@@ -190,6 +212,29 @@ class Sharded:
     def agree(self, t, call, error=None):
         """Check that every rank of ``t``'s mesh made this call."""
         dtensor.agree(t, call, error)
+
+    def assign(self, param, value):
+        dtensor.assign(param, value)  # (`.data =` does not reach a DTensor's local shard)
+
+    def mask_format(self, param, fmt):
+        """Bool where a packed mask cannot be placed like ``param``
+        (:func:`fastprune.dtensor.packs_like`)."""
+        return "bool" if fmt == "bits" and not dtensor.packs_like(param) else fmt
+
+    def stored_mask(self, mask, fmt, param):
+        if fmt == "dense":
+            return mask
+        shape = ops.packed_shape(param.shape) if fmt == "bits" else param.shape
+        return dtensor.with_local(_in_place.stored(mask.to_local(), fmt, param.to_local()), param, shape)
+
+    def live_set(self, buffer, fmt, param):
+        """Cross-rank selects read dense masks: bits are unpacked (None: unpruned)."""
+        return None if buffer is None else self.unpacked_mask(buffer, param)
+
+    def unpacked_mask(self, buffer, param):
+        if _in_place.format_of(buffer) != "bits":
+            return buffer
+        return dtensor.with_local(_in_place.unpacked(buffer.to_local(), param.to_local().shape), param, param.shape)
 
     def ones_like(self, orig, scores):
         return dtensor.ones_like(orig)

@@ -59,6 +59,9 @@ class UnstructuredPath(KernelPath):
     def __init__(self, masks, random):
         self.masks = masks  # masks(amount, currents, scores, masks), see magnitude_masks
         self.random = random  # ranks random draws (largest first) instead of |score|
+        # A global magnitude select reads masks in every stored format (the
+        # in-place layout's packed bits included) and answers in it.
+        self.reads_live_sets = not random
 
     def accepts(self, t, mask):
         return not mask.is_complex()  # the unstructured kernels take real masks
@@ -127,11 +130,13 @@ def magnitude_masks(amount, currents, scores, masks):
 
     ``masks`` holds each tensor's current mask, or None for an unpruned one.
     Candidates are the entries still at 1; ``|score|`` is ranked across all
-    parameters with one multi-tensor select.
+    parameters with one multi-tensor select. A mask in an in-place format
+    (bool, or packed uint8) gets its new mask in that format; the others
+    take the scores' dtype, as the reference's.
     """
     scores, dtype, olds = kernel_operands(currents, scores, masks)
     new = _backends.of(*scores).magnitude_masks(amount, currents, scores, olds, masks)
-    return [m.to(dtype) for m in new]
+    return [m if m.dtype in (torch.bool, torch.uint8) else m.to(dtype) for m in new]
 
 
 def random_masks(amount, currents, scores, masks):

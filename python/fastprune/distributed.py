@@ -95,7 +95,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
     comm.device = _crossrank.comm_device(comm.groups[0], device)
     dtype = torch.float64 if random else getattr(torch, dtypes[0][1].split(".")[1])
     pieces = []
-    for c, s, m in zip(prepared.currents, prepared.scores, prepared.masks):
+    for c, s, m in zip(prepared.currents, prepared.scores, prepared.masks()):
         old = _kernel_paths.unpruned_mask(c, s) if m is None else m.detach()
         pieces.append(_crossrank.Piece(s.detach().to(prepared.dtype), old, start, (c.numel(),), (range(c.numel()),), True))
         start += c.numel()
@@ -109,4 +109,4 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
     new = _crossrank.select(pieces, comm, lambda n: prune._checked_count(amount, n), only_ones=True,
                  largest=random, dtype=dtype, total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
-    prune._apply_global_masks(prepared.parameters, own, prepared.masks)
+    prune._apply_global_masks(prepared.parameters, own, prepared.firsts)

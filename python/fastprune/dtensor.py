@@ -53,6 +53,30 @@ def _like(local, t):
                               stride=t.stride())
 
 
+def with_local(local, t, shape):
+    """A DTensor of the local block ``local``, placed like ``t``, of global
+    shape ``shape`` (contiguous): a mask stored in another format than ``t``'s."""
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def packs_like(t):
+    """Whether a packed mask (bytes along the last dim) can be placed like
+    ``t``: its last dim is not cut, or cut by ``Shard`` into whole bytes (its
+    size a multiple of 8 times the number of pieces); a ``_StridedShard`` of
+    the last dim interleaves, so it cannot."""
+    parts = 1
+    for mesh_dim, p in enumerate(t.placements):
+        if _sharded(p) and p.dim % max(t.dim(), 1) == t.dim() - 1:
+            if not p.is_shard() or type(p).__name__ != "Shard":
+                return False
+            parts *= t.device_mesh.size(mesh_dim)
+    return parts == 1 or t.shape[-1] % (8 * parts) == 0
+
+
 def _mesh_of(tensors):
     mesh = tensors[0].device_mesh
     for t in tensors[1:]:

@@ -14,8 +14,9 @@ with these differences (docs/behaviour.md §Differences says why):
   ``global_unstructured`` accepts any iterable, keeps no model-sized tensor
   alive, and works on the meta device and above 2**31 elements;
 * ``copy.deepcopy`` works on modules pruned under grad mode;
-* parameters of FSDP2 (``fully_shard``) models are pruned in place, without
-  ``<name>_orig`` (see :mod:`fastprune.fsdp`).
+* parameters of FSDP2 (``fully_shard``) models, and any parameter inside
+  :func:`fastprune.in_place`, are pruned in place, without ``<name>_orig``
+  (see :mod:`fastprune._in_place`); :func:`mask_of` reads any layout's mask.
 
 Every class here also derives from its namesake in ``torch.nn.utils.prune``
 (``isinstance(fastprune.prune.L1Unstructured(1), torch.nn.utils.prune.L1Unstructured)``),
@@ -72,6 +73,7 @@ __all__ = [
     "channelwise_l1_unstructured",
     "remove",
     "is_pruned",
+    "mask_of",
 ]
 
 # Either library's classes: hooks and container members may come from both.
@@ -119,7 +121,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             module (nn.Module): the module holding the pruned tensor.
             inputs: the forward inputs (unused).
         """
-        _layouts.of(module, self._tensor_name).publish(module, self._tensor_name, self)
+        _layouts.of(module, self._tensor_name).refresh(module, self._tensor_name, self)
         _remember_module(self, module)
 
     @abstractmethod
@@ -148,8 +150,9 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         if self._tensor_name is None:
             raise AssertionError(f"Module {module} has to be pruned")
         name = self._tensor_name
-        orig = _layouts.of(module, name).values(module, name)
-        return _masked_product(getattr(module, name + "_mask").to(dtype=orig.dtype), orig)
+        layout = _layouts.of(module, name)
+        orig = layout.values(module, name)
+        return _masked_product(layout.mask(module, name).to(dtype=orig.dtype), orig)
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
@@ -194,7 +197,7 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
         old = hooks.pop(found[0]) if found else None
         assigned = False
         try:
-            method = cls(*args, **kwargs)
+            method = new = cls(*args, **kwargs)
             method._tensor_name = name
             if isinstance(old, _AnyContainer):
                 old.add_pruning_method(method)
@@ -214,17 +217,13 @@ class BasePruningMethod(_torch_prune.BasePruningMethod):
             else:
                 _backends.check_like(importance_scores, orig, "importance_scores")
 
-            if isinstance(method, _AnyContainer):
-                current = getattr(module, name + "_mask").detach()
-                if _container_path(method, importance_scores, current) is None:
-                    current = current.clone()
-                default_mask = current
-            else:
+            if not isinstance(method, _AnyContainer):
                 layout.install(module, name, orig)
-                default_mask = _first_mask(method, orig, importance_scores)
-
-            mask = method.compute_mask(importance_scores, default_mask=default_mask)
-            module.register_buffer(name + "_mask", mask)
+            mask = _final_mask(new, layout)
+            if mask is None:
+                mask = method.compute_mask(importance_scores, default_mask=_default_mask(
+                    method, layout, module, name, orig, importance_scores))
+            layout.store(module, name, mask)
             assigned = True
             layout.publish(module, name, method)
             module.register_forward_pre_hook(method)
@@ -362,6 +361,27 @@ def _container_path(container, t, mask):
         return None
     path = _kernel_path(container._pruning_methods[-1])
     return path if path is not None and path.accepts(t, mask) else None
+
+
+def _final_mask(method, layout):
+    """The new mask itself when the method just added knows it, else None
+    (compute it). A global prune's share (:meth:`CustomFromMask._apply_owned`)
+    is the whole new mask where the layout's masks are binary: it was selected
+    among the live entries only, so it already holds the earlier mask's zeros
+    (and is in the layout's format, packed or not)."""
+    if (type(method) is CustomFromMask and _unpatched(CustomFromMask) and layout.binary_masks
+            and getattr(method.mask, "_fastprune_owned", False)):
+        return method.mask
+    return None
+
+
+def _default_mask(method, layout, module, name, orig, scores):
+    """The ``default_mask`` of a prune: the current mask (a copy when the
+    container's step may write into it), or :func:`_first_mask`."""
+    if not isinstance(method, _AnyContainer):
+        return _first_mask(method, orig, scores)
+    current = layout.mask(module, name)
+    return current if _container_path(method, scores, current) is not None else current.clone()
 
 
 def _masked_product(mask, orig):
@@ -786,7 +806,7 @@ class CustomFromMask(BasePruningMethod, _torch_prune.CustomFromMask):
         """:meth:`apply` with a fresh mask that nobody else holds (a global
         prune's share of its select): on a first prune the buffer is then
         ``mask`` itself rather than ``ones * mask``, so one tensor, not two,
-        holds it (with :func:`_share_first_mask` for the hook's copy). The
+        holds it (with :func:`_share_mask` for the hook's copy). The
         mask is marked for the duration of this call only."""
         mask._fastprune_owned = True
         try:
@@ -1108,14 +1128,14 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         None
     """
     prepared = _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs)
-    currents, scores, masks = prepared.currents, prepared.scores, prepared.masks
-    method, container = prepared.method, prepared.container
+    currents, scores, method = prepared.currents, prepared.scores, prepared.method
     path = _kernel_path(method)
     if path is not None and all(path.accepts(s, m) for s, m in zip(scores, prepared.masks_or_ones)):
+        masks = prepared.live_sets() if path.reads_live_sets else prepared.masks()
         own_masks = path.global_masks(method, currents, scores, masks)
     else:
-        own_masks = _global_reference_masks(container, currents, scores, masks)
-    _apply_global_masks(prepared.parameters, own_masks, masks)
+        own_masks = _global_reference_masks(prepared.container, currents, scores, prepared.masks())
+    _apply_global_masks(prepared.parameters, own_masks, prepared.firsts)
 
 
 def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
@@ -1131,12 +1151,10 @@ def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs
     prepared, error, call = None, None, []
     try:
         prepared = _prepare_global(parameters, importance_scores, pruning_method, kwargs)
-        for module, name in prepared.parameters:
-            _layouts.for_prune(module, name)
         _backends.check_one_mesh(prepared.currents)
         call = [("method", getattr(pruning_method, "__name__", pruning_method)), *sorted(kwargs.items()),
                 ("parameters", prepared.currents), ("importance_scores", prepared.scores),
-                ("pruned", [m is not None for m in prepared.masks])]
+                ("pruned", [not first for first in prepared.firsts])]
     except Exception as e:  # reported to every rank by agree()
         error = e
     _backends.of(mesh_tensor).agree(mesh_tensor, call, error)
@@ -1161,21 +1179,33 @@ class _PreparedGlobal:
     """The checked arguments of a global prune (see :func:`_prepare_global`)."""
 
     parameters: list  # the (module, name) pairs
+    layouts: list  # each pair's layout (see fastprune._layouts.for_prune)
     currents: list  # each pair's current tensor (``module.<name>``)
     scores: list  # each pair's importance scores
-    masks: list  # each pair's mask, None where unpruned
-    masks_or_ones: list  # each pair's mask, or its tensor where unpruned (device checks)
+    firsts: list  # whether each pair is unpruned
+    masks_or_ones: list  # each pair's mask buffer, or its tensor where unpruned (device checks)
     method: BasePruningMethod  # the pruning method, made from the kwargs
     container: PruningContainer  # a one-member container of it (the reference algorithm)
     dtype: Optional[torch.dtype]  # the scores' promoted dtype (None: no pairs)
     device: Optional[torch.device]  # the scores' device (None: no pairs)
 
+    def masks(self):
+        """Each pair's mask as a tensor of its shape, None where unpruned."""
+        return [None if first else layout.mask(module, name)
+                for (module, name), layout, first in zip(self.parameters, self.layouts, self.firsts)]
+
+    def live_sets(self):
+        """Each pair's mask as its layout stores it, for a select that reads
+        every stored format (None: unpruned in the reference's layout)."""
+        return [layout.live_set(module, name, current) for (module, name), layout, current
+                in zip(self.parameters, self.layouts, self.currents)]
+
 
 def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow_empty=False):
     """Check the arguments of :func:`global_unstructured` as the reference does
-    and gather what the masks need: each pair's current tensor, scores, and
-    mask (None when unpruned), the method and its one-member container.
-    ``allow_empty`` accepts no pairs (a rank of a distributed prune)."""
+    and gather what the masks need: each pair's layout, current tensor and
+    scores, the method and its one-member container. ``allow_empty`` accepts
+    no pairs (a rank of a distributed prune)."""
     if not isinstance(parameters, Iterable):
         raise TypeError("global_unstructured(): parameters is not an Iterable")
     if importance_scores is None:
@@ -1184,12 +1214,12 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
         raise TypeError("global_unstructured(): importance_scores must be of type dict")
     parameters = list(parameters)
 
-    currents, scores, masks = [], [], []
+    currents, scores, buffers = [], [], []
     for module, name in parameters:
         current = getattr(module, name)
         currents.append(current)
         scores.append(importance_scores.get((module, name), current))
-        masks.append(getattr(module, name + "_mask", None))
+        buffers.append(getattr(module, name + "_mask", None))
     _check_same_device(scores)
     for (module, name), score, current in zip(parameters, scores, currents):
         if score.shape != current.shape:
@@ -1199,10 +1229,11 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
                 f"global_unstructured(): importance_scores for parameter {name} of {module} "
                 f"should have its shape {tuple(current.shape)}, got {tuple(score.shape)}")
         _backends.check_like(score, current, "importance_scores")
-    masks_or_ones = [current if mask is None else mask for mask, current in zip(masks, currents)]
+    masks_or_ones = [current if mask is None else mask for mask, current in zip(buffers, currents)]
     _check_same_device(masks_or_ones)
     if not parameters and not allow_empty:
         raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+    layouts = [_layouts.for_prune(module, name) for module, name in parameters]
 
     method = pruning_method(**kwargs)
     method._tensor_name = "temp"
@@ -1214,16 +1245,16 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
     container._tensor_name = "temp"
     container.add_pruning_method(method)
     dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores]) if scores else None
-    return _PreparedGlobal(parameters=parameters, currents=currents, scores=scores, masks=masks,
-                           masks_or_ones=masks_or_ones, method=method, container=container, dtype=dtype,
-                           device=scores[0].device if scores else None)
+    return _PreparedGlobal(parameters=parameters, layouts=layouts, currents=currents, scores=scores,
+                           firsts=[b is None for b in buffers], masks_or_ones=masks_or_ones, method=method,
+                           container=container, dtype=dtype, device=scores[0].device if scores else None)
 
 
-def _apply_global_masks(parameters, own_masks, masks):
+def _apply_global_masks(parameters, own_masks, firsts):
     """Prune each pair with its mask through :func:`custom_from_mask`; all or
     nothing: if one fails, every module is put back as it was.
 
-    ``masks`` holds each pair's mask before (None: it was unpruned)."""
+    ``firsts`` says for each pair whether it was unpruned."""
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
@@ -1234,8 +1265,7 @@ def _apply_global_masks(parameters, own_masks, masks):
             for i, (module, name) in enumerate(parameters):
                 CustomFromMask._apply_owned(module, name, own_masks[i])
                 own_masks[i] = None
-                if masks[i] is None:
-                    _share_first_mask(module, name)
+                _share_mask(module, name, first=firsts[i])
                 done.append((module, name))
     except BaseException:
         # All or nothing: undo the parameters pruned before the failure.
@@ -1244,15 +1274,17 @@ def _apply_global_masks(parameters, own_masks, masks):
         raise
 
 
-def _share_first_mask(module, name):
-    """After a first prune by :class:`CustomFromMask`, let its hook hold the
-    buffer itself: the buffer is ``1 * hook.mask``, the same values, so a
-    second copy of the mask need not stay alive."""
+def _share_mask(module, name, first):
+    """After a prune by :class:`CustomFromMask` with a global prune's share,
+    let the method hold the buffer itself where the layout says the buffer
+    has its values (see :meth:`~fastprune._layouts.Reparametrized.shares_buffer`),
+    so a second copy of the mask need not stay alive."""
     hook = next(hook for hook in module._forward_pre_hooks.values()
                 if isinstance(hook, _AnyMethod) and hook._tensor_name == name)
+    method = hook._pruning_methods[-1] if isinstance(hook, _AnyContainer) else hook
     buffer = getattr(module, name + "_mask")
-    if type(hook) is CustomFromMask and hook.mask.dtype == buffer.dtype:
-        hook.mask = buffer
+    if type(method) is CustomFromMask and _layouts.of(module, name).shares_buffer(method.mask, buffer, first):
+        method.mask = buffer
 
 
 def _global_reference_masks(container, currents, scores, masks):
@@ -1313,6 +1345,24 @@ def remove(module, name):
             return module
     raise ValueError(
         f"Parameter '{name}' of module {module} has to be pruned before pruning can be removed")
+
+
+def mask_of(module, name):
+    """The mask of the pruned tensor ``module.<name>`` as a bool tensor of its
+    shape (a DTensor for a DTensor parameter), whatever its layout: the
+    reference's ``<name>_mask`` or an in-place bits or bool mask.
+
+    Args:
+        module (nn.Module): module holding the pruned tensor.
+        name (str): name of the parameter.
+
+    Returns:
+        torch.Tensor: a new bool tensor, True where the entry is kept.
+    """
+    if not any(isinstance(hook, _AnyMethod) and hook._tensor_name == name
+               for hook in module._forward_pre_hooks.values()):
+        raise ValueError(f"Parameter '{name}' of module {module} has to be pruned to have a mask")
+    return _layouts.of(module, name).mask(module, name) != 0
 
 
 def is_pruned(module):
