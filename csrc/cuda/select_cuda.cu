@@ -15,7 +15,7 @@
 //
 // Several tensors go through the same launches: each is cut into tiles of
 // kTile elements that never straddle two tensors, numbered in concatenation
-// order, and a device table of segment descriptors (pointers, length, first
+// order, and a device table of piece descriptors (pointers, length, first
 // tile) lets each block find its tensor.
 //
 // Tie rule. Candidates below the threshold key are pruned, and of those equal
@@ -52,9 +52,10 @@ constexpr int64_t kTile = kThreads * kItems;
 constexpr int kRadixBits = kPassDigitBits;  // the select and the passes count alike
 constexpr int kRadixBins = 1 << kRadixBits;
 
-// One tensor of a select over one or several tensors, flattened row-major; as
-// stored in the device table.
-struct Segment {
+// One tensor of a select over one or several tensors (a piece, as in
+// python/fastprune/_crossrank.py; not a segment, which is an N:M group or row
+// of segmented_mask), flattened row-major; as stored in the device table.
+struct Piece {
   const void* scores;  // contiguous score_t
   const void* mask;    // contiguous, or a single value when `broadcast`
   void* out;           // contiguous, the mask's dtype
@@ -65,25 +66,25 @@ struct Segment {
   bool broadcast;
 };
 
-// The elements [lo, hi) of segment `seg` that form one tile.
+// The elements [lo, hi) of piece `piece` that form one tile.
 struct Tile {
-  const Segment* seg;
+  const Piece* piece;
   int64_t lo;
   int64_t hi;
 };
 
-__device__ Tile tile_at(const Segment* segs, int nsegs, int64_t t) {
-  int a = 0, b = nsegs - 1;  // the last segment whose first tile is <= t
+__device__ Tile tile_at(const Piece* pieces, int npieces, int64_t t) {
+  int a = 0, b = npieces - 1;  // the last piece whose first tile is <= t
   while (a < b) {
     const int mid = (a + b + 1) / 2;
-    if (segs[mid].first_tile <= t) {
+    if (pieces[mid].first_tile <= t) {
       a = mid;
     } else {
       b = mid - 1;
     }
   }
-  const int64_t lo = (t - segs[a].first_tile) * kTile;
-  return {segs + a, lo, lo + kTile < segs[a].numel ? lo + kTile : segs[a].numel};
+  const int64_t lo = (t - pieces[a].first_tile) * kTile;
+  return {pieces + a, lo, lo + kTile < pieces[a].numel ? lo + kTile : pieces[a].numel};
 }
 
 // Calls f(valid, i, cand, key, v, out) for this thread's kItems elements of
@@ -100,11 +101,11 @@ template <typename bits_t, typename score_t, typename F>
 __device__ void for_each_element_as(
     const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
   using key_t = typename KeyOf<score_t>::type;
-  const Segment& seg = *tile.seg;
-  const auto* scores = static_cast<const score_t*>(seg.scores);
-  const auto* mask = static_cast<const bits_t*>(seg.mask);
-  auto* out = static_cast<bits_t*>(seg.out);
-  const auto one = static_cast<bits_t>(seg.one);
+  const Piece& piece = *tile.piece;
+  const auto* scores = static_cast<const score_t*>(piece.scores);
+  const auto* mask = static_cast<const bits_t*>(piece.mask);
+  auto* out = static_cast<bits_t*>(piece.out);
+  const auto one = static_cast<bits_t>(piece.one);
   const int64_t first = tile.lo + threadIdx.x;
   bits_t v[kItems];
   score_t s[kItems];
@@ -113,7 +114,7 @@ __device__ void for_each_element_as(
     const int64_t i = first + r * kThreads;
     v[r] = 0;
     if (i < tile.hi) {
-      if (read_mask) v[r] = mask[seg.broadcast ? 0 : i];
+      if (read_mask) v[r] = mask[piece.broadcast ? 0 : i];
       s[r] = scores[i];
     }
   }
@@ -130,7 +131,7 @@ __device__ void for_each_element_as(
 template <typename score_t, typename F>
 __device__ void for_each_element(
     const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
-  switch (tile.seg->mask_size) {
+  switch (tile.piece->mask_size) {
     case 1:
       return for_each_element_as<uint8_t, score_t>(tile, only_ones, largest, read_mask, f);
     case 2:
@@ -148,7 +149,7 @@ __device__ void for_each_element(
 // counts cannot overflow.
 template <typename score_t>
 __global__ void histogram_kernel(
-    const Segment* segs, int nsegs, int64_t ntiles, int pass,
+    const Piece* pieces, int npieces, int64_t ntiles, int pass,
     typename KeyOf<score_t>::type prefix, bool only_ones, bool largest,
     int64_t* hist) {
   using key_t = typename KeyOf<score_t>::type;
@@ -158,7 +159,7 @@ __global__ void histogram_kernel(
   const key_t pmask = Radix<key_t, kRadixBits>::prefix_mask(pass);
   for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
     for_each_element<score_t>(
-        tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/only_ones,
+        tile_at(pieces, npieces, t), only_ones, largest, /*read_mask=*/only_ones,
         [&](bool, int64_t, bool cand, key_t key, auto, auto*) {
           if (cand && (key & pmask) == prefix) {
             atomicAdd(&bins[Radix<key_t, kRadixBits>::digit(key, pass)], 1u);
@@ -178,14 +179,14 @@ __global__ void histogram_kernel(
 // ties[t] = the candidates of tile t (one block each) whose key is thr.
 template <typename score_t>
 __global__ void count_ties_kernel(
-    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
+    const Piece* pieces, int npieces, typename KeyOf<score_t>::type thr,
     bool only_ones, bool largest, int64_t* ties) {
   using key_t = typename KeyOf<score_t>::type;
   using BlockReduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
   int n = 0;
   for_each_element<score_t>(
-      tile_at(segs, nsegs, blockIdx.x), only_ones, largest, /*read_mask=*/only_ones,
+      tile_at(pieces, npieces, blockIdx.x), only_ones, largest, /*read_mask=*/only_ones,
       [&](bool, int64_t, bool cand, key_t key, auto, auto*) { n += cand && key == thr; });
   const int total = BlockReduce(temp).Sum(n);
   if (threadIdx.x == 0) ties[blockIdx.x] = total;
@@ -198,7 +199,7 @@ __global__ void count_ties_kernel(
 // window holds none or all of the ties.
 template <typename score_t>
 __global__ void write_kernel(
-    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
+    const Piece* pieces, int npieces, typename KeyOf<score_t>::type thr,
     int64_t lo, int64_t hi, const int64_t* ties, const int64_t* ties_end,
     bool only_ones, bool largest) {
   using key_t = typename KeyOf<score_t>::type;
@@ -216,7 +217,7 @@ __global__ void write_kernel(
   }
   int64_t seen = 0;  // ties in the earlier rounds of a ranked tile
   for_each_element<score_t>(
-      tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/true,
+      tile_at(pieces, npieces, t), only_ones, largest, /*read_mask=*/true,
       [&](bool valid, int64_t i, bool cand, key_t key, auto v, auto* out) {
         const bool tie = cand && key == thr;
         bool cut = cand && key < thr;
@@ -233,22 +234,22 @@ __global__ void write_kernel(
       });
 }
 
-// The segment table of `ops` on their device (copied from pinned memory
-// without a host sync), the count of segments and of tiles; empty tensors
+// The piece table of `ops` on their device (copied from pinned memory
+// without a host sync), the count of pieces and of tiles; empty tensors
 // are left out. Outputs are written where an operand has one (`dst`).
-struct Table {
+struct PieceTable {
   at::Tensor table;
-  std::vector<Segment> segs;
+  std::vector<Piece> pieces;
   int64_t ntiles = 0;
-  const Segment* data() const { return static_cast<const Segment*>(table.const_data_ptr()); }
-  int size() const { return static_cast<int>(segs.size()); }
+  const Piece* data() const { return static_cast<const Piece*>(table.const_data_ptr()); }
+  int size() const { return static_cast<int>(pieces.size()); }
 };
 
-Table segment_table(const std::vector<Operand>& ops) {
-  Table t;
+PieceTable piece_table(const std::vector<Operand>& ops) {
+  PieceTable t;
   for (const Operand& op : ops) {
     if (op.scores.numel() == 0) continue;
-    t.segs.push_back(Segment{
+    t.pieces.push_back(Piece{
         op.scores.const_data_ptr(), op.mask.const_data_ptr(),
         op.dst.defined() ? op.dst.mutable_data_ptr() : nullptr, op.scores.numel(), t.ntiles,
         one_bits(op.mask.scalar_type()),
@@ -259,9 +260,9 @@ Table segment_table(const std::vector<Operand>& ops) {
       t.ntiles <= std::numeric_limits<int32_t>::max(),
       "fastprune: too many elements for one select, got ", t.ntiles * kTile);
   at::Tensor host = at::empty(
-      {static_cast<int64_t>(t.segs.size() * sizeof(Segment))},
+      {static_cast<int64_t>(t.pieces.size() * sizeof(Piece))},
       at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  if (!t.segs.empty()) std::memcpy(host.mutable_data_ptr(), t.segs.data(), host.numel());
+  if (!t.pieces.empty()) std::memcpy(host.mutable_data_ptr(), t.pieces.data(), host.numel());
   t.table = host.to(ops[0].scores.device(), /*non_blocking=*/true);
   return t;
 }
@@ -269,7 +270,7 @@ Table segment_table(const std::vector<Operand>& ops) {
 // Per-tile tie counts at `thr` (one block per tile) and their inclusive cumsum.
 template <typename score_t>
 std::pair<at::Tensor, at::Tensor> tile_ties(
-    const Table& table, typename KeyOf<score_t>::type thr, bool only_ones,
+    const PieceTable& table, typename KeyOf<score_t>::type thr, bool only_ones,
     bool largest, const at::TensorOptions& options) {
   at::Tensor ties = at::empty({table.ntiles}, options.dtype(at::kLong));
   count_ties_kernel<score_t><<<static_cast<unsigned>(table.ntiles), kThreads, 0,
@@ -283,7 +284,7 @@ std::pair<at::Tensor, at::Tensor> tile_ties(
 // when the window may split the ties of a tile, else undefined.
 template <typename score_t>
 void write_masks(
-    const Table& table, typename KeyOf<score_t>::type thr, int64_t lo, int64_t hi,
+    const PieceTable& table, typename KeyOf<score_t>::type thr, int64_t lo, int64_t hi,
     const std::pair<at::Tensor, at::Tensor>& ties, bool only_ones, bool largest) {
   if (table.ntiles == 0) return;
   const bool ranked = ties.first.defined();
@@ -311,7 +312,7 @@ int64_t histogram_blocks(int64_t ntiles, const at::Device& device) {
 // candidates of `table` whose higher digits equal `prefix`.
 template <typename score_t>
 void histogram_into(
-    const Table& table, int d, typename KeyOf<score_t>::type prefix, bool only_ones,
+    const PieceTable& table, int d, typename KeyOf<score_t>::type prefix, bool only_ones,
     bool largest, int64_t blocks, at::Tensor& hist) {
   hist.zero_();
   if (table.ntiles == 0) return;
@@ -328,7 +329,7 @@ class UnstructuredSelect {
   using Digits = Radix<key_t, kRadixBits>;
 
  public:
-  UnstructuredSelect(const Table& table, bool only_ones, bool largest)
+  UnstructuredSelect(const PieceTable& table, bool only_ones, bool largest)
       : table_(table), only_ones_(only_ones), largest_(largest),
         hist_blocks_(histogram_blocks(table.ntiles, table.table.device())),
         hist_(at::empty({kRadixBins}, table.table.options().dtype(at::kLong))),
@@ -377,7 +378,7 @@ class UnstructuredSelect {
     write_masks<score_t>(table_, thr, 0, need, ties, only_ones_, largest_);
   }
 
-  const Table& table_;
+  const PieceTable& table_;
   bool only_ones_;
   bool largest_;
   int64_t hist_blocks_;
@@ -391,7 +392,7 @@ std::vector<at::Tensor> select_masks(
   check_operands(ops, fraction);
   if (!ops.empty()) {
     c10::cuda::CUDAGuard guard(ops[0].scores.device());
-    const Table table = segment_table(ops);
+    const PieceTable table = piece_table(ops);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
           UnstructuredSelect<scalar_t>(table, only_ones, largest).run(count, fraction);
@@ -419,7 +420,7 @@ at::Tensor radix_histogram_cuda(
     bool only_ones, bool largest) {
   const std::vector<Operand> ops = make_pass_inputs("radix_histogram", scores, masks);
   c10::cuda::CUDAGuard guard(ops[0].scores.device());
-  const Table table = segment_table(ops);
+  const PieceTable table = piece_table(ops);
   at::Tensor hist = at::empty({kRadixBins}, ops[0].scores.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "radix_histogram", [&] {
@@ -438,7 +439,7 @@ at::Tensor count_at_key_cuda(
     at::TensorList scores, at::TensorList masks, int64_t key, bool only_ones, bool largest) {
   const std::vector<Operand> ops = make_pass_inputs("count_at_key", scores, masks);
   c10::cuda::CUDAGuard guard(ops[0].scores.device());
-  const Table table = segment_table(ops);
+  const PieceTable table = piece_table(ops);
   std::vector<int64_t> counts(ops.size(), 0);
   if (table.ntiles > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -452,9 +453,9 @@ at::Tensor count_at_key_cuda(
           size_t s = 0;
           for (size_t i = 0; i < ops.size(); ++i) {
             if (ops[i].scores.numel() == 0) continue;
-            const Segment& seg = table.segs[s++];
-            const int64_t last = seg.first_tile + (seg.numel + kTile - 1) / kTile - 1;
-            counts[i] = end[last] - (seg.first_tile > 0 ? end[seg.first_tile - 1] : 0);
+            const Piece& piece = table.pieces[s++];
+            const int64_t last = piece.first_tile + (piece.numel + kTile - 1) / kTile - 1;
+            counts[i] = end[last] - (piece.first_tile > 0 ? end[piece.first_tile - 1] : 0);
           }
         });
   }
@@ -469,7 +470,7 @@ std::vector<at::Tensor> masks_at_threshold_cuda(
   check_operands(ops, 0.0);
   if (!ops.empty()) {
     c10::cuda::CUDAGuard guard(ops[0].scores.device());
-    const Table table = segment_table(ops);
+    const PieceTable table = piece_table(ops);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "masks_at_threshold", [&] {
           using key_t = typename KeyOf<scalar_t>::type;
