@@ -17,8 +17,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
 #include "../common/select.h"
+#include "../common/select_operands.h"
 #include "cache_cpu.h"
 
 namespace fastprune {

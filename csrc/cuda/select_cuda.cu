@@ -40,8 +40,9 @@
 #include <numeric>
 #include <vector>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
 #include "../common/select.h"
+#include "../common/select_operands.h"
 
 namespace fastprune {
 namespace {
