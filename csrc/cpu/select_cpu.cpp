@@ -51,7 +51,6 @@ template <typename score_t>
 class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
   using Digits = Radix<key_t, 16>;
-  static constexpr int kDigits = Digits::kDigits;
   static constexpr int64_t kBins = Digits::kBins;
   static constexpr int kWays = 4;
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
@@ -218,21 +217,21 @@ class UnstructuredSelect {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
     }
-    int64_t rank = k;  // the k-th smallest key is the threshold
-    key_t prefix = 0;
-    for (int d = 0;; ++d) {
-      if (d > 0) histogram(d, prefix);
-      const Bucket b = find_bucket(total_.data(), rank);
-      rank -= b.below;
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == kDigits) {
-        write(prefix, rank, b.bin);
-        return;
-      }
-      if (d == 0 && total_[b.bin] <= std::max<int64_t>(numel_ / 32, kBins)) {
-        write_and_collect(b.bin, rank);
-        return;
-      }
+    // The k-th smallest key is the threshold; the descent stops after the
+    // first digit when that digit's threshold bin is small enough to collect.
+    const RadixStep<key_t> step = radix_descent<Digits>(
+        total_.data(), k,
+        [&](int d, key_t prefix) {
+          histogram(d, prefix);
+          return total_.data();
+        },
+        [&](int d, const RadixStep<key_t>& s) {
+          return d == 0 && s.count <= std::max<int64_t>(numel_ / 32, kBins);
+        });
+    if (step.last) {
+      write(step.prefix, step.rank, step.bin);
+    } else {
+      write_and_collect(step.bin, step.rank);
     }
   }
 

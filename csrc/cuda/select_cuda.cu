@@ -7,7 +7,8 @@
 // separable passes (csrc/cuda/passes_cuda.cu, launched as select_cuda.cuh
 // declares): one histogram launch per digit over all the tensors' tiles, then
 // one write launch. After each pass the histogram (16 KiB) is copied to the
-// host, which finds the threshold's bin with find_bucket: one host sync per digit pass (the first is needed anyway, to raise the
+// host, where the radix descent of csrc/common/select.h finds the threshold's
+// bin: one host sync per digit pass (the first is needed anyway, to raise the
 // ValueError when k exceeds the candidates).
 //
 // Tie rule. Candidates below the threshold key are pruned, and of those equal
@@ -51,18 +52,13 @@ class UnstructuredSelect {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
     }
-    int64_t rank = k;  // the k-th smallest key is the threshold
-    key_t prefix = 0;
-    for (int d = 0;; ++d) {
-      if (d > 0) histogram(d, prefix);
-      const Bucket b = find_bucket(total, rank);
-      rank -= b.below;
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == Digits::kDigits) {
-        write(prefix, rank, b.bin);
-        return;
-      }
-    }
+    // The k-th smallest key is the threshold: the descent runs on the host,
+    // on each pass's histogram as histogram() copies it there.
+    const RadixStep<key_t> step = radix_descent<Digits>(total, k, [&](int d, key_t prefix) {
+      histogram(d, prefix);
+      return total;
+    });
+    write(step.prefix, step.rank, step.count);
   }
 
  private:
@@ -74,11 +70,11 @@ class UnstructuredSelect {
     total_.copy_(hist_);  // the pass's one host sync
   }
 
-  // Candidates with key < thr are pruned, and of those with key == thr (the
-  // last histogram's `bin`) the first `need` in flat order.
-  void write(key_t thr, int64_t need, uint32_t bin) {
+  // Candidates with key < thr are pruned, and of the `ties_at_thr` with key
+  // == thr the first `need` in flat order.
+  void write(key_t thr, int64_t need, int64_t ties_at_thr) {
     std::pair<at::Tensor, at::Tensor> ties;
-    if (need > 0 && need < total_.const_data_ptr<int64_t>()[bin]) {
+    if (need > 0 && need < ties_at_thr) {
       ties = tile_ties<score_t>(table_, thr, only_ones_, largest_, hist_.options());
     }
     write_masks<score_t>(table_, thr, 0, need, ties, only_ones_, largest_);
