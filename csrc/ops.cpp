@@ -63,6 +63,20 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "masks_at_threshold(Tensor[] scores, Tensor[] masks, int key, int skip, "
       "int take, bool only_ones, bool largest) -> Tensor[]");
+  // One step of the radix descent (csrc/common/select.h's radix_step) on a
+  // histogram of digit `digit` as radix_histogram counts it (summed across
+  // processes), for keys of `dtype` scores: where the rank-th smallest
+  // counted key (1-based, in [1, hist.sum()]) falls. Returns [prefix', rank',
+  // count, last]: `prefix` (its digits above `digit`; lower bits ignored) with
+  // digit `digit` set to that key's, its rank among the candidates whose key
+  // starts with prefix', their number (the bin's count), and 1 when `digit`
+  // is the last digit (prefix' is then the threshold key and count its ties),
+  // else 0. Host arithmetic on 2048 int64 counts, on any device (a CPU
+  // histogram is read in place); tagged data-dependent: tracing cannot know
+  // its result, so it has no fake kernel.
+  m.def(
+      "radix_step(Tensor hist, int digit, int prefix, int rank, ScalarType dtype) -> int[]",
+      {at::Tag::data_dependent_output});
   // New mask for pruning inside segments (N:M groups, per-channel exact k):
   // a copy of `mask` (same dtype) in which, in every segment, the k live
   // entries (mask == 1) with the smallest |scores| are set to 0, ties to the

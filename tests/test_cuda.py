@@ -21,7 +21,7 @@ from test_ops import AMOUNTS, MASK_DTYPES, make_mask, make_scores
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TILE = 4096  # elements per tile (and block) of the CUDA kernels: kTile in select_cuda.cu
+TILE = 4096  # elements per tile (and block) of the CUDA kernels: kTile in passes_cuda.cu
 
 
 # ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 (|score| with NaN largest, flat index), ``channel_norms`` against
 ``torch.linalg.vector_norm`` in float64."""
 import math
+import random
 
 import pytest
 import torch
@@ -711,3 +712,91 @@ def test_cached_empty_like_opcheck(small_blocks):
         # (the values are uninitialized, so only the schema and the fake kernel)
         torch.library.opcheck(torch.ops.fastprune.cached_empty_like.default, (t,),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------
+# radix_step: the descent's arithmetic for the cross-rank select
+# ----------------------------------------------------------------------------
+
+def reference_step(hist, digit, prefix, rank, dtype):
+    """radix_step by cumsum and searchsorted (how _crossrank stepped before)."""
+    bits = torch.finfo(dtype).bits
+    cum = hist.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor(rank)))
+    top = bits - 11 * digit  # the digits above `digit` are the prefix's
+    shift = max(0, bits - 11 * (digit + 1))
+    key = (prefix >> top << top if digit else 0) | (b << shift)
+    return key, rank - int(cum[b] - hist[b]), int(hist[b]), digit + 1 == fastprune.ops.pass_digits(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_radix_step_matches_a_cumsum_search(dtype):
+    g, rng = torch.Generator().manual_seed(11), random.Random(11)
+    bits = torch.finfo(dtype).bits
+    for digit in range(fastprune.ops.pass_digits(dtype)):
+        for sparse in (False, True):
+            hist = torch.randint(0, 5, (2048,), generator=g, dtype=torch.int64)
+            if sparse:
+                hist *= torch.rand(2048, generator=g) < 0.01
+            hist[-1] += 1  # the last bin, and at least one key
+            if digit == 0:
+                hist[1024:] = 0  # keys clear the sign bit: the first digit is below 1024
+                hist[1023] += 1
+            total = int(hist.sum())
+            prefix = rng.randrange(2 ** (bits - 1))  # keys clear the sign bit
+            for rank in {1, 2, total // 3 + 1, total // 2, total - 1, total} & set(range(1, total + 1)):
+                got = fastprune.ops.radix_step(hist, digit, prefix, rank, dtype)
+                assert tuple(got) == reference_step(hist, digit, prefix, rank, dtype), (digit, rank)
+                assert 1 <= got.rank <= got.count
+
+
+def test_radix_step_descent_equals_the_one_call_select():
+    from fastprune.ops import masks_at_threshold, radix_histogram, radix_step
+    scores = [tie_free((300,), torch.float32, seed=3), torch.randn(500).round()]  # many ties
+    masks = [torch.ones(300), make_mask((500,), torch.float32)]
+    n = int(sum((m == 1).sum() for m in masks))
+    for k in (1, n // 2, n):
+        step, d = radix_step(radix_histogram(scores, masks, 0, 0, only_ones=True), 0, 0, k, torch.float32), 0
+        while not step.last:
+            d += 1
+            hist = radix_histogram(scores, masks, d, step.prefix, only_ones=True)
+            step = radix_step(hist, d, step.prefix, step.rank, torch.float32)
+        got = masks_at_threshold(scores, masks, step.prefix, take=step.rank, only_ones=True)
+        want = global_unstructured_masks(scores, masks, count=k, only_ones=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), k
+
+
+def test_radix_step_rejects_bad_arguments():
+    hist = torch.zeros(2048, dtype=torch.int64)
+    hist[3] = 5
+    step = torch.ops.fastprune.radix_step
+    for rank in (0, 6, -1):
+        with pytest.raises(RuntimeError, match="rank must lie in"):
+            step(hist, 0, 0, rank, torch.float32)
+    with pytest.raises(RuntimeError, match="digit must lie in"):
+        step(hist, 3, 0, 1, torch.float32)  # float32 keys have 3 digits
+    with pytest.raises(RuntimeError, match="key must lie in"):
+        step(hist, 1, 2 ** 16, 1, torch.float16)
+    with pytest.raises(RuntimeError, match="2048 int64 counts"):
+        step(hist[:100], 0, 0, 1, torch.float32)
+    with pytest.raises(RuntimeError, match="2048 int64 counts"):
+        step(hist.to(torch.int32), 0, 0, 1, torch.float32)
+    with pytest.raises(RuntimeError, match="non-negative"):
+        step(torch.cat([hist[:-1], torch.tensor([-1])]), 0, 0, 1, torch.float32)
+    hist[1024] = 1  # the sign bit: no key lies there
+    with pytest.raises(RuntimeError, match="no key"):
+        step(hist, 0, 0, 6, torch.float16)
+    with pytest.raises(NotImplementedError, match="radix_step"):
+        step(hist, 0, 0, 1, torch.int32)
+
+
+def test_radix_step_opcheck_and_no_tracing():
+    hist = torch.zeros(2048, dtype=torch.int64)
+    hist[7], hist[900] = 4, 2
+    for args in [(hist, 0, 0, 5, torch.float32), (hist, 5, 12345, 6, torch.float64), (hist, 1, 1 << 12, 1, torch.bfloat16)]:
+        # (its result is data-dependent: no fake kernel, so nothing to trace)
+        torch.library.opcheck(torch.ops.fastprune.radix_step.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    with FakeTensorMode(), pytest.raises(DataDependentOutputException):
+        torch.ops.fastprune.radix_step(torch.zeros(2048, dtype=torch.int64), 0, 0, 1, torch.float32)

@@ -1,6 +1,6 @@
 // Device-agnostic core of the magnitude select, shared by the CPU and CUDA
 // kernels so that the two cannot drift: the key transform, the radix digits,
-// the bucket search and the tie rule.
+// the bucket search and the radix descent, and the tie rule.
 //
 // Ordering. Every score maps to an unsigned key of its own width whose order
 // is the order of |score|, with NaN above +inf (as torch.topk orders NaN);
@@ -63,6 +63,7 @@ C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
 // on every device) kPassDigitBits.
 template <typename key_t, int Bits>
 struct Radix {
+  using key_type = key_t;
   static constexpr int kBits = Bits;
   static constexpr int64_t kBins = int64_t{1} << Bits;
   static constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
@@ -106,6 +107,55 @@ C10_HOST_DEVICE inline Bucket find_bucket(const int64_t* hist, int64_t rank) {
     ++bin;
   }
   return {bin, below};
+}
+
+// One step of the radix descent: from the histogram of digit d over the
+// candidates whose higher digits are those of `prefix`, where the rank-th
+// smallest of them (1-based) falls. `prefix` gains digit d (its bin), and the
+// rank becomes the rank among the candidates that share the longer prefix.
+template <typename key_t>
+struct RadixStep {
+  key_t prefix;   // the digits found so far; lower bits 0
+  int64_t rank;   // 1-based, among the candidates whose key starts with them
+  uint32_t bin;   // digit d: the histogram's bin that holds the rank-th key
+  int64_t count;  // candidates in that bin (those sharing the new prefix)
+  bool last;      // d is the last digit: `prefix` is the whole key
+};
+
+template <typename Digits>
+C10_HOST_DEVICE inline RadixStep<typename Digits::key_type> radix_step(
+    const int64_t* hist, int d, typename Digits::key_type prefix, int64_t rank) {
+  using key_t = typename Digits::key_type;
+  const Bucket b = find_bucket(hist, rank);
+  return {static_cast<key_t>(prefix | static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d))),
+          rank - b.below, b.bin, hist[b.bin], d + 1 == Digits::kDigits};
+}
+
+// Never stops a radix descent early.
+struct NoEarlyStop {
+  template <typename Step>
+  bool operator()(int, const Step&) const { return false; }
+};
+
+// The radix descent, digit by digit from the most significant, to the rank-th
+// smallest key (1-based; at most the candidates counted in `hist`): for each
+// digit, the histogram of the candidates that share the digits found so far,
+// then radix_step. `hist` is digit 0's histogram (the caller has it already:
+// its total gives the rank); histogram(d, prefix) returns digit d's as a host
+// pointer to Digits::kBins counts, valid until the next call. Returns the last
+// step: after the last digit, or the first step for which stop(d, step) is
+// true. Used by the CPU and CUDA selects (the CUDA one copies each histogram
+// to the host), and through the radix_step op by the cross-rank select
+// (python/fastprune/_crossrank.py), whose histograms are summed over ranks.
+template <typename Digits, typename Histogram, typename Stop = NoEarlyStop>
+RadixStep<typename Digits::key_type> radix_descent(
+    const int64_t* hist, int64_t rank, const Histogram& histogram, const Stop& stop = Stop{}) {
+  RadixStep<typename Digits::key_type> step{0, rank, 0, 0, false};
+  for (int d = 0;; ++d) {
+    if (d > 0) hist = histogram(d, step.prefix);
+    step = radix_step<Digits>(hist, d, step.prefix, step.rank);
+    if (step.last || stop(d, step)) return step;
+  }
 }
 
 // round(fraction * n) with ties to even, as Python's round() does; the product

@@ -13,8 +13,8 @@
 
 #include <vector>
 
+#include "../common/channel_view.h"
 #include "../common/norms.h"
-#include "../common/operands.h"
 
 namespace fastprune {
 namespace {

@@ -1,8 +1,10 @@
 // CPU kernels of the separable passes of the magnitude select: the steps of
 // an exact radix select, exposed one by one so that a caller can combine
-// them across processes (python/fastprune/distributed.py sums the histograms
+// them across processes (python/fastprune/_crossrank.py sums the histograms
 // and tie counts of every rank). Digits of kPassDigitBits (csrc/common/
-// select.h), as on CUDA, so every device counts the same bins.
+// select.h), as on CUDA, so every device counts the same bins. Also
+// radix_step, the descent's arithmetic on a summed histogram (for every
+// device: it reads 2048 counts on the host).
 //
 // No sampling, no shortcuts: each pass reads every entry once. Work is split
 // into one fixed contiguous chunk per thread and tensor; the tie window is
@@ -14,11 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
 #include "../common/select.h"
+#include "../common/select_operands.h"
 #include "cache_cpu.h"
 
 namespace fastprune {
@@ -174,12 +178,51 @@ std::vector<at::Tensor> masks_at_threshold_cpu(
   return take_outputs(ops);
 }
 
+std::vector<int64_t> radix_step_op(
+    const at::Tensor& hist, int64_t digit, int64_t prefix, int64_t rank, at::ScalarType dtype) {
+  constexpr int64_t kBins = int64_t{1} << kPassDigitBits;
+  TORCH_CHECK(
+      hist.scalar_type() == at::kLong && hist.dim() == 1 && hist.size(0) == kBins,
+      "radix_step: hist must hold ", kBins, " int64 counts, got ", hist.scalar_type(),
+      " of shape ", hist.sizes());
+  const at::Tensor counts = hist.cpu().contiguous();
+  const int64_t* h = counts.const_data_ptr<int64_t>();
+  int64_t total = 0;  // saturating: rank is checked against it
+  for (int64_t b = 0; b < kBins; ++b) {
+    TORCH_CHECK(h[b] >= 0, "radix_step: counts must be non-negative, got ", h[b], " in bin ", b);
+    total = h[b] > std::numeric_limits<int64_t>::max() - total ? std::numeric_limits<int64_t>::max()
+                                                                : total + h[b];
+  }
+  TORCH_CHECK(
+      rank >= 1 && rank <= total, "radix_step: rank must lie in [1, ", total,
+      "] (the candidates counted), got ", rank);
+  std::vector<int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "radix_step", [&] {
+    using key_t = typename KeyOf<scalar_t>::type;
+    using Digits = Radix<key_t, kPassDigitBits>;
+    check_pass_digit("radix_step", digit, Digits::kDigits);
+    const int d = static_cast<int>(digit);
+    const key_t pre = pass_key<key_t>("radix_step", prefix) & Digits::prefix_mask(d);
+    const RadixStep<key_t> step = radix_step<Digits>(h, d, pre, rank);
+    TORCH_CHECK(
+        (step.prefix >> (Digits::kKeyBits - 1)) == 0, "radix_step: the rank-th key falls in bin ",
+        step.bin, " of digit ", digit, ", where no key lies (keys are below 2^", Digits::kKeyBits - 1, ")");
+    out = {static_cast<int64_t>(step.prefix), step.rank, step.count, step.last ? 1 : 0};
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("radix_histogram", &radix_histogram_cpu);
   m.impl("count_at_key", &count_at_key_cpu);
   m.impl("masks_at_threshold", &masks_at_threshold_cpu);
+}
+
+// Host arithmetic, whatever the histogram's device.
+TORCH_LIBRARY_IMPL(fastprune, CompositeExplicitAutograd, m) {
+  m.impl("radix_step", &radix_step_op);
 }
 
 }  // namespace fastprune

@@ -28,7 +28,8 @@
 #include <limits>
 #include <vector>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
+#include "../common/segmented_operands.h"
 #include "../common/segments.h"
 #include "cache_cpu.h"
 

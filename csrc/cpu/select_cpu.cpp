@@ -25,16 +25,19 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
 #include "../common/select.h"
+#include "../common/select_operands.h"
 #include "cache_cpu.h"
 
 namespace fastprune {
 namespace {
 
-// One tensor of a select over one or several tensors, flattened row-major;
-// several tensors are ranked as if concatenated in their given order.
-struct Segment {
+// One tensor of a select over one or several tensors (a piece, as in
+// python/fastprune/_crossrank.py; not a segment, which is an N:M group or row
+// of segmented_mask), flattened row-major; several tensors are ranked as if
+// concatenated in their given order.
+struct Piece {
   const void* scores;  // contiguous score_t
   const void* mask;    // contiguous, or a single value when `broadcast`
   bool broadcast;
@@ -48,7 +51,6 @@ template <typename score_t>
 class UnstructuredSelect {
   using key_t = typename KeyOf<score_t>::type;
   using Digits = Radix<key_t, 16>;
-  static constexpr int kDigits = Digits::kDigits;
   static constexpr int64_t kBins = Digits::kBins;
   static constexpr int kWays = 4;
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
@@ -66,9 +68,9 @@ class UnstructuredSelect {
   };
 
  public:
-  UnstructuredSelect(std::vector<Segment> segments, bool only_ones, bool largest)
-      : segs_(std::move(segments)),
-        numel_(segs_.empty() ? 0 : segs_.back().begin + segs_.back().numel),
+  UnstructuredSelect(std::vector<Piece> pieces, bool only_ones, bool largest)
+      : pieces_(std::move(pieces)),
+        numel_(pieces_.empty() ? 0 : pieces_.back().begin + pieces_.back().numel),
         only_ones_(only_ones), largest_(largest),
         chunks_(numel_ < (int64_t{1} << 15) ? 1 : at::get_num_threads()),
         hist_(chunks_ * kBins), total_(kBins), candidates_(chunks_) {}
@@ -130,7 +132,7 @@ class UnstructuredSelect {
     for_each_chunk([&](int64_t c) {
       std::vector<Candidate>& pool = pools[c];
       int64_t used = 0, nb = 0, nc = 0;
-      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* sc,
+      for_each_part(c, [&](auto only_ones, auto broadcast, const score_t* sc,
                             const auto* mk, auto* out, int64_t b, int64_t e,
                             int64_t begin) {
         using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(mk)>>;
@@ -215,21 +217,21 @@ class UnstructuredSelect {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
     }
-    int64_t rank = k;  // the k-th smallest key is the threshold
-    key_t prefix = 0;
-    for (int d = 0;; ++d) {
-      if (d > 0) histogram(d, prefix);
-      const Bucket b = find_bucket(total_.data(), rank);
-      rank -= b.below;
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == kDigits) {
-        write(prefix, rank, b.bin);
-        return;
-      }
-      if (d == 0 && total_[b.bin] <= std::max<int64_t>(numel_ / 32, kBins)) {
-        write_and_collect(b.bin, rank);
-        return;
-      }
+    // The k-th smallest key is the threshold; the descent stops after the
+    // first digit when that digit's threshold bin is small enough to collect.
+    const RadixStep<key_t> step = radix_descent<Digits>(
+        total_.data(), k,
+        [&](int d, key_t prefix) {
+          histogram(d, prefix);
+          return total_.data();
+        },
+        [&](int d, const RadixStep<key_t>& s) {
+          return d == 0 && s.count <= std::max<int64_t>(numel_ / 32, kBins);
+        });
+    if (step.last) {
+      write(step.prefix, step.rank, step.bin);
+    } else {
+      write_and_collect(step.bin, step.rank);
     }
   }
 
@@ -239,15 +241,15 @@ class UnstructuredSelect {
     keys.reserve(s);
     const int64_t step = numel_ / s;  // >= 1: s <= numel_
     int64_t j = 0;
-    for (const Segment& seg : segs_) {
-      const auto* sc = static_cast<const score_t*>(seg.scores);
+    for (const Piece& piece : pieces_) {
+      const auto* sc = static_cast<const score_t*>(piece.scores);
       AT_DISPATCH_ALL_TYPES_AND3(
-          at::kHalf, at::kBFloat16, at::kBool, seg.mask_type, "fastprune_sample", [&] {
-            const auto* mk = static_cast<const scalar_t*>(seg.mask);
+          at::kHalf, at::kBFloat16, at::kBool, piece.mask_type, "fastprune_sample", [&] {
+            const auto* mk = static_cast<const scalar_t*>(piece.mask);
             for (; j < s; ++j) {
-              const int64_t i = j * step + step / 2 - seg.begin;
-              if (i >= seg.numel) break;
-              if (only_ones_ && !(mk[seg.broadcast ? 0 : i] == scalar_t(1))) continue;
+              const int64_t i = j * step + step / 2 - piece.begin;
+              if (i >= piece.numel) break;
+              if (only_ones_ && !(mk[piece.broadcast ? 0 : i] == scalar_t(1))) continue;
               keys.push_back(magnitude_key(sc[i], largest_));
             }
           });
@@ -294,11 +296,11 @@ class UnstructuredSelect {
     std::nth_element(first, first + (rank - 1), last);
     at::parallel_for(0, count, int64_t{1} << 14, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const Segment& seg = segment_of(pool[j].index);
-        const size_t size = c10::elementSize(seg.mask_type);
+        const Piece& piece = piece_of(pool[j].index);
+        const size_t size = c10::elementSize(piece.mask_type);
         // An all-zero byte pattern is 0 (or false) in every mask dtype.
         std::memset(
-            static_cast<char*>(seg.out) + (pool[j].index - seg.begin) * size, 0, size);
+            static_cast<char*>(piece.out) + (pool[j].index - piece.begin) * size, 0, size);
       }
     });
   }
@@ -306,11 +308,11 @@ class UnstructuredSelect {
   int64_t lo(int64_t chunk) const { return numel_ * chunk / chunks_; }
   int64_t hi(int64_t chunk) const { return numel_ * (chunk + 1) / chunks_; }
 
-  // The segment holding concatenation position i.
-  const Segment& segment_of(int64_t i) const {
+  // The piece holding concatenation position i.
+  const Piece& piece_of(int64_t i) const {
     auto it = std::upper_bound(
-        segs_.begin(), segs_.end(), i,
-        [](int64_t v, const Segment& s) { return v < s.begin; });
+        pieces_.begin(), pieces_.end(), i,
+        [](int64_t v, const Piece& s) { return v < s.begin; });
     return *(it - 1);
   }
 
@@ -322,31 +324,31 @@ class UnstructuredSelect {
   }
 
   // Calls f(only_ones, broadcast, scores, mask, out, begin, end) for each
-  // piece of a segment inside chunk c: [begin, end) are indices into that
-  // segment, the two flags std::integral_constant<bool, ...> so that the
+  // part of a piece inside chunk c: [begin, end) are indices into that
+  // piece, the two flags std::integral_constant<bool, ...> so that the
   // per-element loops test neither at run time, and mask/out typed pointers.
   template <typename F>
-  void for_each_piece(int64_t c, const F& f) const {
+  void for_each_part(int64_t c, const F& f) const {
     const int64_t clo = lo(c), chi = hi(c);
     if (clo >= chi) return;
     using T = std::true_type;
     using N = std::false_type;
-    for (const Segment* seg = &segment_of(clo);
-         seg != segs_.data() + segs_.size() && seg->begin < chi; ++seg) {
-      const int64_t b = std::max(clo, seg->begin) - seg->begin;
-      const int64_t e = std::min(chi, seg->begin + seg->numel) - seg->begin;
+    for (const Piece* piece = &piece_of(clo);
+         piece != pieces_.data() + pieces_.size() && piece->begin < chi; ++piece) {
+      const int64_t b = std::max(clo, piece->begin) - piece->begin;
+      const int64_t e = std::min(chi, piece->begin + piece->numel) - piece->begin;
       if (b >= e) continue;
-      const auto* s = static_cast<const score_t*>(seg->scores);
+      const auto* s = static_cast<const score_t*>(piece->scores);
       AT_DISPATCH_ALL_TYPES_AND3(
-          at::kHalf, at::kBFloat16, at::kBool, seg->mask_type, "fastprune_select", [&] {
-            const auto* m = static_cast<const scalar_t*>(seg->mask);
-            auto* o = static_cast<scalar_t*>(seg->out);
+          at::kHalf, at::kBFloat16, at::kBool, piece->mask_type, "fastprune_select", [&] {
+            const auto* m = static_cast<const scalar_t*>(piece->mask);
+            auto* o = static_cast<scalar_t*>(piece->out);
             if (only_ones_) {
-              seg->broadcast ? f(T{}, T{}, s, m, o, b, e, seg->begin)
-                             : f(T{}, N{}, s, m, o, b, e, seg->begin);
+              piece->broadcast ? f(T{}, T{}, s, m, o, b, e, piece->begin)
+                               : f(T{}, N{}, s, m, o, b, e, piece->begin);
             } else {
-              seg->broadcast ? f(N{}, T{}, s, m, o, b, e, seg->begin)
-                             : f(N{}, N{}, s, m, o, b, e, seg->begin);
+              piece->broadcast ? f(N{}, T{}, s, m, o, b, e, piece->begin)
+                               : f(N{}, N{}, s, m, o, b, e, piece->begin);
             }
           });
     }
@@ -376,7 +378,7 @@ class UnstructuredSelect {
         pending = 0;
       };
       int64_t n = 0;
-      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* s,
+      for_each_part(c, [&](auto only_ones, auto broadcast, const score_t* s,
                             const auto* m, auto*, int64_t b, int64_t e, int64_t) {
         using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
         // Locals, not captures: the counter stores could alias the captured
@@ -431,7 +433,7 @@ class UnstructuredSelect {
     const bool largest = largest_;
     for_each_chunk([&](int64_t c) {
       auto prune = make_decider(c);
-      for_each_piece(c, [&](auto only_ones, auto broadcast, const score_t* s,
+      for_each_part(c, [&](auto only_ones, auto broadcast, const score_t* s,
                             const auto* m, auto* out, int64_t b, int64_t e,
                             int64_t begin) {
         using mask_t = std::remove_cv_t<std::remove_pointer_t<decltype(m)>>;
@@ -506,7 +508,7 @@ class UnstructuredSelect {
     prune_smallest(pool, need);
   }
 
-  std::vector<Segment> segs_;
+  std::vector<Piece> pieces_;
   int64_t numel_;
   bool only_ones_;
   bool largest_;
@@ -520,11 +522,11 @@ std::vector<at::Tensor> select_masks(
     std::vector<Operand> ops, int64_t count, double fraction, bool only_ones,
     bool largest) {
   check_operands(ops, fraction);
-  std::vector<Segment> segs;
+  std::vector<Piece> pieces;
   int64_t begin = 0;
   for (const Operand& op : ops) {
     if (op.scores.numel() == 0) continue;
-    segs.push_back(Segment{
+    pieces.push_back(Piece{
         op.scores.const_data_ptr(), op.mask.const_data_ptr(),
         is_broadcast_scalar(op.mask), op.dst.mutable_data_ptr(),
         op.mask.scalar_type(), begin, op.scores.numel()});
@@ -533,7 +535,7 @@ std::vector<at::Tensor> select_masks(
   if (!ops.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
-          UnstructuredSelect<scalar_t>(std::move(segs), only_ones, largest)
+          UnstructuredSelect<scalar_t>(std::move(pieces), only_ones, largest)
               .run(count, fraction);
         });
   }

@@ -16,8 +16,8 @@
 
 #include <limits>
 
+#include "../common/channel_view.h"
 #include "../common/norms.h"
-#include "../common/operands.h"
 
 namespace fastprune {
 namespace {

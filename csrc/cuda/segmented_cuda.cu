@@ -28,7 +28,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "../common/operands.h"
+#include "../common/operand.h"
+#include "../common/segmented_operands.h"
 #include "../common/segments.h"
 
 namespace fastprune {

@@ -3,324 +3,32 @@
 // tie-quota and keep-or-zero logic of csrc/common/select.h.
 //
 // Radix select on the keys, never a sort, with 11-bit digits (2 histogram
-// passes for 16-bit keys, 3 for fp32, 6 for fp64): each block counts its
-// elements in a 2048-bin shared-memory histogram (fast shared atomics; a
-// 65536-bin one would not fit in shared memory, and global atomics on the few
-// hot bins of weight-like data serialize) and adds it into one 64-bit global
-// histogram. The restriction to mask == 1 and the filter by the digits found so
-// far are read inside the histogram kernel; nothing is gathered. After each
-// pass the histogram (16 KiB) is copied to the host, which finds the
-// threshold's bin with find_bucket: one host sync per digit pass (the first is
-// needed anyway, to raise the ValueError when k exceeds the candidates).
-//
-// Several tensors go through the same launches: each is cut into tiles of
-// kTile elements that never straddle two tensors, numbered in concatenation
-// order, and a device table of segment descriptors (pointers, length, first
-// tile) lets each block find its tensor.
+// passes for 16-bit keys, 3 for fp32, 6 for fp64), through the kernels of the
+// separable passes (csrc/cuda/passes_cuda.cu, launched as select_cuda.cuh
+// declares): one histogram launch per digit over all the tensors' tiles, then
+// one write launch. After each pass the histogram (16 KiB) is copied to the
+// host, where the radix descent of csrc/common/select.h finds the threshold's
+// bin: one host sync per digit pass (the first is needed anyway, to raise the
+// ValueError when k exceeds the candidates).
 //
 // Tie rule. Candidates below the threshold key are pruned, and of those equal
-// to it the first `need` in flat order. When that is none or all of them
-// (always so on tie-free data) each element is decided on its own. Otherwise
-// one more pass counts the ties of every tile, a cumsum over tiles gives each
-// tile its quota (tie_quota), and the one tile whose quota is partial ranks its
-// ties in flat order with a block scan.
+// to it the first `need` in flat order: the write pass's tie window [0, need),
+// with the ties counted per tile first only when the window may split them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
-
-#include <algorithm>
-#include <cstring>
-#include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
-#include "../common/operands.h"
 #include "../common/select.h"
+#include "../common/select_operands.h"
+#include "select_cuda.cuh"
 
 namespace fastprune {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kItems = 16;  // elements per thread and tile
-constexpr int64_t kTile = kThreads * kItems;
-constexpr int kRadixBits = kPassDigitBits;  // the select and the passes count alike
-constexpr int kRadixBins = 1 << kRadixBits;
-
-// One tensor of a select over one or several tensors, flattened row-major; as
-// stored in the device table.
-struct Segment {
-  const void* scores;  // contiguous score_t
-  const void* mask;    // contiguous, or a single value when `broadcast`
-  void* out;           // contiguous, the mask's dtype
-  int64_t numel;
-  int64_t first_tile;  // its tiles are first_tile, first_tile + 1, ...
-  uint64_t one;        // the bits of the value 1 in the mask's dtype
-  int mask_size;       // bytes per mask element: 1, 2, 4 or 8
-  bool broadcast;
-};
-
-// The elements [lo, hi) of segment `seg` that form one tile.
-struct Tile {
-  const Segment* seg;
-  int64_t lo;
-  int64_t hi;
-};
-
-__device__ Tile tile_at(const Segment* segs, int nsegs, int64_t t) {
-  int a = 0, b = nsegs - 1;  // the last segment whose first tile is <= t
-  while (a < b) {
-    const int mid = (a + b + 1) / 2;
-    if (segs[mid].first_tile <= t) {
-      a = mid;
-    } else {
-      b = mid - 1;
-    }
-  }
-  const int64_t lo = (t - segs[a].first_tile) * kTile;
-  return {segs + a, lo, lo + kTile < segs[a].numel ? lo + kTile : segs[a].numel};
-}
-
-// Calls f(valid, i, cand, key, v, out) for this thread's kItems elements of
-// the tile, i = lo + r * kThreads + threadIdx.x for r = 0, 1, ... (so the calls
-// of a block, round by round and thread by thread, go in flat order). The mask
-// is read as raw bits (v) of its size, and out typed alike: an entry is a
-// candidate when not only_ones or when its bits are those of 1 (the same test
-// as mask == 1 in every mask dtype: only 0 has two encodings). Threads past
-// the tile's end are called too (valid false, not a candidate), so that f may
-// hold block-wide steps. The mask is read only when read_mask (which
-// only_ones needs; else v is 0). All loads are issued before the first call,
-// to keep many in flight.
-template <typename bits_t, typename score_t, typename F>
-__device__ void for_each_element_as(
-    const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
-  using key_t = typename KeyOf<score_t>::type;
-  const Segment& seg = *tile.seg;
-  const auto* scores = static_cast<const score_t*>(seg.scores);
-  const auto* mask = static_cast<const bits_t*>(seg.mask);
-  auto* out = static_cast<bits_t*>(seg.out);
-  const auto one = static_cast<bits_t>(seg.one);
-  const int64_t first = tile.lo + threadIdx.x;
-  bits_t v[kItems];
-  score_t s[kItems];
-#pragma unroll
-  for (int r = 0; r < kItems; ++r) {
-    const int64_t i = first + r * kThreads;
-    v[r] = 0;
-    if (i < tile.hi) {
-      if (read_mask) v[r] = mask[seg.broadcast ? 0 : i];
-      s[r] = scores[i];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kItems; ++r) {
-    const int64_t i = first + r * kThreads;
-    const bool valid = i < tile.hi;
-    const bool cand = valid && (!only_ones || v[r] == one);
-    const key_t key = valid ? magnitude_key(s[r], largest) : key_t{0};
-    f(valid, i, cand, key, v[r], out);
-  }
-}
-
-template <typename score_t, typename F>
-__device__ void for_each_element(
-    const Tile& tile, bool only_ones, bool largest, bool read_mask, const F& f) {
-  switch (tile.seg->mask_size) {
-    case 1:
-      return for_each_element_as<uint8_t, score_t>(tile, only_ones, largest, read_mask, f);
-    case 2:
-      return for_each_element_as<uint16_t, score_t>(tile, only_ones, largest, read_mask, f);
-    case 4:
-      return for_each_element_as<uint32_t, score_t>(tile, only_ones, largest, read_mask, f);
-    default:
-      return for_each_element_as<uint64_t, score_t>(tile, only_ones, largest, read_mask, f);
-  }
-}
-
-// Adds to hist (kRadixBins 64-bit counts) the histogram of digit `pass` over
-// the candidates whose earlier digits equal `prefix`. Blocks stride over the
-// tiles; the host keeps each block under 2^32 elements, so the shared 32-bit
-// counts cannot overflow.
-template <typename score_t>
-__global__ void histogram_kernel(
-    const Segment* segs, int nsegs, int64_t ntiles, int pass,
-    typename KeyOf<score_t>::type prefix, bool only_ones, bool largest,
-    int64_t* hist) {
-  using key_t = typename KeyOf<score_t>::type;
-  __shared__ uint32_t bins[kRadixBins];
-  for (int b = threadIdx.x; b < kRadixBins; b += kThreads) bins[b] = 0;
-  __syncthreads();
-  const key_t pmask = Radix<key_t, kRadixBits>::prefix_mask(pass);
-  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
-    for_each_element<score_t>(
-        tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/only_ones,
-        [&](bool, int64_t, bool cand, key_t key, auto, auto*) {
-          if (cand && (key & pmask) == prefix) {
-            atomicAdd(&bins[Radix<key_t, kRadixBits>::digit(key, pass)], 1u);
-          }
-        });
-  }
-  __syncthreads();
-  for (int b = threadIdx.x; b < kRadixBins; b += kThreads) {
-    if (bins[b] != 0) {
-      atomicAdd(
-          reinterpret_cast<unsigned long long*>(hist) + b,
-          static_cast<unsigned long long>(bins[b]));
-    }
-  }
-}
-
-// ties[t] = the candidates of tile t (one block each) whose key is thr.
-template <typename score_t>
-__global__ void count_ties_kernel(
-    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
-    bool only_ones, bool largest, int64_t* ties) {
-  using key_t = typename KeyOf<score_t>::type;
-  using BlockReduce = cub::BlockReduce<int, kThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  int n = 0;
-  for_each_element<score_t>(
-      tile_at(segs, nsegs, blockIdx.x), only_ones, largest, /*read_mask=*/only_ones,
-      [&](bool, int64_t, bool cand, key_t key, auto, auto*) { n += cand && key == thr; });
-  const int total = BlockReduce(temp).Sum(n);
-  if (threadIdx.x == 0) ties[blockIdx.x] = total;
-}
-
-// The write pass, one block per tile: out = mask, except candidates with key <
-// thr and the candidates with key == thr whose tie rank (their place among
-// all ties in flat order, from 0) lies in [lo, hi), which get 0. `ties` and
-// its inclusive cumsum `ties_end` are the per-tile tie counts; null when the
-// window holds none or all of the ties.
-template <typename score_t>
-__global__ void write_kernel(
-    const Segment* segs, int nsegs, typename KeyOf<score_t>::type thr,
-    int64_t lo, int64_t hi, const int64_t* ties, const int64_t* ties_end,
-    bool only_ones, bool largest) {
-  using key_t = typename KeyOf<score_t>::type;
-  using BlockScan = cub::BlockScan<int, kThreads>;
-  __shared__ typename BlockScan::TempStorage temp;
-  const int64_t t = blockIdx.x;
-  // This tile's ties ranked [first, last) (tile-local ranks) are pruned.
-  int64_t first = 0, last = hi - lo;
-  bool ranked = false;  // a part of the tile's ties only: rank them
-  if (ties != nullptr) {
-    const int64_t before = ties_end[t] - ties[t];
-    first = tie_quota(lo, before, ties[t]);
-    last = tie_quota(hi, before, ties[t]);
-    ranked = last > first && (first > 0 || last < ties[t]);
-  }
-  int64_t seen = 0;  // ties in the earlier rounds of a ranked tile
-  for_each_element<score_t>(
-      tile_at(segs, nsegs, t), only_ones, largest, /*read_mask=*/true,
-      [&](bool valid, int64_t i, bool cand, key_t key, auto v, auto* out) {
-        const bool tie = cand && key == thr;
-        bool cut = cand && key < thr;
-        if (ranked) {  // block-uniform, so every thread joins the scan
-          int before = 0, round_ties = 0;
-          BlockScan(temp).ExclusiveSum(static_cast<int>(tie), before, round_ties);
-          __syncthreads();  // temp is reused by the next round
-          cut = cut || (tie && seen + before >= first && seen + before < last);
-          seen += round_ties;
-        } else {
-          cut = cut || (tie && last > first);
-        }
-        if (valid) out[i] = keep_or_zero(v, !cut);
-      });
-}
-
-// The segment table of `ops` on their device (copied from pinned memory
-// without a host sync), the count of segments and of tiles; empty tensors
-// are left out. Outputs are written where an operand has one (`dst`).
-struct Table {
-  at::Tensor table;
-  std::vector<Segment> segs;
-  int64_t ntiles = 0;
-  const Segment* data() const { return static_cast<const Segment*>(table.const_data_ptr()); }
-  int size() const { return static_cast<int>(segs.size()); }
-};
-
-Table segment_table(const std::vector<Operand>& ops) {
-  Table t;
-  for (const Operand& op : ops) {
-    if (op.scores.numel() == 0) continue;
-    t.segs.push_back(Segment{
-        op.scores.const_data_ptr(), op.mask.const_data_ptr(),
-        op.dst.defined() ? op.dst.mutable_data_ptr() : nullptr, op.scores.numel(), t.ntiles,
-        one_bits(op.mask.scalar_type()),
-        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask)});
-    t.ntiles += (op.scores.numel() + kTile - 1) / kTile;
-  }
-  TORCH_CHECK(
-      t.ntiles <= std::numeric_limits<int32_t>::max(),
-      "fastprune: too many elements for one select, got ", t.ntiles * kTile);
-  at::Tensor host = at::empty(
-      {static_cast<int64_t>(t.segs.size() * sizeof(Segment))},
-      at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  if (!t.segs.empty()) std::memcpy(host.mutable_data_ptr(), t.segs.data(), host.numel());
-  t.table = host.to(ops[0].scores.device(), /*non_blocking=*/true);
-  return t;
-}
-
-// Per-tile tie counts at `thr` (one block per tile) and their inclusive cumsum.
-template <typename score_t>
-std::pair<at::Tensor, at::Tensor> tile_ties(
-    const Table& table, typename KeyOf<score_t>::type thr, bool only_ones,
-    bool largest, const at::TensorOptions& options) {
-  at::Tensor ties = at::empty({table.ntiles}, options.dtype(at::kLong));
-  count_ties_kernel<score_t><<<static_cast<unsigned>(table.ntiles), kThreads, 0,
-                               c10::cuda::getCurrentCUDAStream()>>>(
-      table.data(), table.size(), thr, only_ones, largest, ties.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {ties, ties.cumsum(0)};
-}
-
-// The write pass over `table` with tie window [lo, hi); `ties` from tile_ties
-// when the window may split the ties of a tile, else undefined.
-template <typename score_t>
-void write_masks(
-    const Table& table, typename KeyOf<score_t>::type thr, int64_t lo, int64_t hi,
-    const std::pair<at::Tensor, at::Tensor>& ties, bool only_ones, bool largest) {
-  if (table.ntiles == 0) return;
-  const bool ranked = ties.first.defined();
-  write_kernel<score_t><<<static_cast<unsigned>(table.ntiles), kThreads, 0,
-                          c10::cuda::getCurrentCUDAStream()>>>(
-      table.data(), table.size(), thr, lo, hi,
-      ranked ? ties.first.const_data_ptr<int64_t>() : nullptr,
-      ranked ? ties.second.const_data_ptr<int64_t>() : nullptr, only_ones, largest);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Number of histogram blocks for `ntiles` tiles: enough to fill the device,
-// and each block counts at most 2^31 elements (its shared 32-bit counts
-// cannot overflow).
-int64_t histogram_blocks(int64_t ntiles, const at::Device& device) {
-  constexpr int64_t kMaxTilesPerBlock = (int64_t{1} << 31) / kTile;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  return std::max(
-      std::min<int64_t>(ntiles, int64_t{8} * sms),
-      (ntiles + kMaxTilesPerBlock - 1) / kMaxTilesPerBlock);
-}
-
-// hist (kRadixBins int64 on the device) := the histogram of digit d over the
-// candidates of `table` whose higher digits equal `prefix`.
-template <typename score_t>
-void histogram_into(
-    const Table& table, int d, typename KeyOf<score_t>::type prefix, bool only_ones,
-    bool largest, int64_t blocks, at::Tensor& hist) {
-  hist.zero_();
-  if (table.ntiles == 0) return;
-  histogram_kernel<score_t><<<static_cast<unsigned>(blocks), kThreads, 0,
-                              c10::cuda::getCurrentCUDAStream()>>>(
-      table.data(), table.size(), table.ntiles, d, prefix, only_ones, largest,
-      hist.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 template <typename score_t>
 class UnstructuredSelect {
@@ -328,7 +36,7 @@ class UnstructuredSelect {
   using Digits = Radix<key_t, kRadixBits>;
 
  public:
-  UnstructuredSelect(const Table& table, bool only_ones, bool largest)
+  UnstructuredSelect(const PieceTable& table, bool only_ones, bool largest)
       : table_(table), only_ones_(only_ones), largest_(largest),
         hist_blocks_(histogram_blocks(table.ntiles, table.table.device())),
         hist_(at::empty({kRadixBins}, table.table.options().dtype(at::kLong))),
@@ -344,18 +52,13 @@ class UnstructuredSelect {
       write(key_t{0}, 0, 0);  // nothing below key 0, no quota: a plain copy
       return;
     }
-    int64_t rank = k;  // the k-th smallest key is the threshold
-    key_t prefix = 0;
-    for (int d = 0;; ++d) {
-      if (d > 0) histogram(d, prefix);
-      const Bucket b = find_bucket(total, rank);
-      rank -= b.below;
-      prefix |= static_cast<key_t>(static_cast<key_t>(b.bin) << Digits::shift(d));
-      if (d + 1 == Digits::kDigits) {
-        write(prefix, rank, b.bin);
-        return;
-      }
-    }
+    // The k-th smallest key is the threshold: the descent runs on the host,
+    // on each pass's histogram as histogram() copies it there.
+    const RadixStep<key_t> step = radix_descent<Digits>(total, k, [&](int d, key_t prefix) {
+      histogram(d, prefix);
+      return total;
+    });
+    write(step.prefix, step.rank, step.count);
   }
 
  private:
@@ -367,17 +70,17 @@ class UnstructuredSelect {
     total_.copy_(hist_);  // the pass's one host sync
   }
 
-  // Candidates with key < thr are pruned, and of those with key == thr (the
-  // last histogram's `bin`) the first `need` in flat order.
-  void write(key_t thr, int64_t need, uint32_t bin) {
+  // Candidates with key < thr are pruned, and of the `ties_at_thr` with key
+  // == thr the first `need` in flat order.
+  void write(key_t thr, int64_t need, int64_t ties_at_thr) {
     std::pair<at::Tensor, at::Tensor> ties;
-    if (need > 0 && need < total_.const_data_ptr<int64_t>()[bin]) {
+    if (need > 0 && need < ties_at_thr) {
       ties = tile_ties<score_t>(table_, thr, only_ones_, largest_, hist_.options());
     }
     write_masks<score_t>(table_, thr, 0, need, ties, only_ones_, largest_);
   }
 
-  const Table& table_;
+  const PieceTable& table_;
   bool only_ones_;
   bool largest_;
   int64_t hist_blocks_;
@@ -391,7 +94,7 @@ std::vector<at::Tensor> select_masks(
   check_operands(ops, fraction);
   if (!ops.empty()) {
     c10::cuda::CUDAGuard guard(ops[0].scores.device());
-    const Table table = segment_table(ops);
+    const PieceTable table = piece_table(ops);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "fastprune_select", [&] {
           UnstructuredSelect<scalar_t>(table, only_ones, largest).run(count, fraction);
@@ -412,87 +115,11 @@ std::vector<at::Tensor> global_unstructured_masks_cuda(
   return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
 }
 
-// The separable passes (see csrc/ops.cpp), with the digits of kPassDigitBits.
-
-at::Tensor radix_histogram_cuda(
-    at::TensorList scores, at::TensorList masks, int64_t digit, int64_t prefix,
-    bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("radix_histogram", scores, masks);
-  c10::cuda::CUDAGuard guard(ops[0].scores.device());
-  const Table table = segment_table(ops);
-  at::Tensor hist = at::empty({kRadixBins}, ops[0].scores.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "radix_histogram", [&] {
-        using key_t = typename KeyOf<scalar_t>::type;
-        using Digits = Radix<key_t, kPassDigitBits>;
-        check_pass_digit("radix_histogram", digit, Digits::kDigits);
-        const key_t pre = pass_key<key_t>("radix_histogram", prefix) & Digits::prefix_mask(digit);
-        histogram_into<scalar_t>(
-            table, static_cast<int>(digit), pre, only_ones, largest,
-            histogram_blocks(table.ntiles, hist.device()), hist);
-      });
-  return hist;
-}
-
-at::Tensor count_at_key_cuda(
-    at::TensorList scores, at::TensorList masks, int64_t key, bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("count_at_key", scores, masks);
-  c10::cuda::CUDAGuard guard(ops[0].scores.device());
-  const Table table = segment_table(ops);
-  std::vector<int64_t> counts(ops.size(), 0);
-  if (table.ntiles > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "count_at_key", [&] {
-          using key_t = typename KeyOf<scalar_t>::type;
-          const auto ties = tile_ties<scalar_t>(
-              table, pass_key<key_t>("count_at_key", key), only_ones, largest,
-              ops[0].scores.options());
-          const at::Tensor ends = ties.second.cpu();  // one host sync
-          const int64_t* end = ends.const_data_ptr<int64_t>();
-          size_t s = 0;
-          for (size_t i = 0; i < ops.size(); ++i) {
-            if (ops[i].scores.numel() == 0) continue;
-            const Segment& seg = table.segs[s++];
-            const int64_t last = seg.first_tile + (seg.numel + kTile - 1) / kTile - 1;
-            counts[i] = end[last] - (seg.first_tile > 0 ? end[seg.first_tile - 1] : 0);
-          }
-        });
-  }
-  return at::tensor(counts, at::kLong).to(ops[0].scores.device());
-}
-
-std::vector<at::Tensor> masks_at_threshold_cuda(
-    at::TensorList scores, at::TensorList masks, int64_t key, int64_t skip,
-    int64_t take, bool only_ones, bool largest) {
-  check_tie_window("masks_at_threshold", skip, take);
-  std::vector<Operand> ops = make_operands(scores, masks);
-  check_operands(ops, 0.0);
-  if (!ops.empty()) {
-    c10::cuda::CUDAGuard guard(ops[0].scores.device());
-    const Table table = segment_table(ops);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, ops[0].scores.scalar_type(), "masks_at_threshold", [&] {
-          using key_t = typename KeyOf<scalar_t>::type;
-          const key_t thr = pass_key<key_t>("masks_at_threshold", key);
-          std::pair<at::Tensor, at::Tensor> ties;
-          if (take > 0 && table.ntiles > 0) {
-            ties = tile_ties<scalar_t>(table, thr, only_ones, largest, ops[0].scores.options());
-          }
-          write_masks<scalar_t>(
-              table, thr, skip, tie_window_end(skip, take), ties, only_ones, largest);
-        });
-  }
-  return take_outputs(ops);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("unstructured_mask", &unstructured_mask_cuda);
   m.impl("global_unstructured_masks", &global_unstructured_masks_cuda);
-  m.impl("radix_histogram", &radix_histogram_cuda);
-  m.impl("count_at_key", &count_at_key_cuda);
-  m.impl("masks_at_threshold", &masks_at_threshold_cuda);
 }
 
 }  // namespace fastprune

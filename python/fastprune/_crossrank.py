@@ -198,32 +198,29 @@ def select(pieces: Sequence[Piece], comm: Comm, count_of, *, only_ones=False, la
     masks = [p.mask for p in pieces]
     counted = [i for i, p in enumerate(pieces) if p.owner]
     dtype = scores[0].dtype if scores else dtype
-    bits = torch.finfo(dtype).bits
 
     def histogram(d, prefix):
+        """Digit d's counts over every rank's candidates under ``prefix``, on the CPU."""
         if counted:
             h = ops.radix_histogram([scores[i] for i in counted], [masks[i] for i in counted], d, prefix,
                                     only_ones=only_ones, largest=largest).to(comm.device)
         else:
             h = torch.zeros(_BINS, dtype=torch.int64, device=comm.device)
-        return comm.sum_(h)
+        return comm.sum_(h).cpu()  # radix_step reads the counts on the host
 
+    # The radix descent of csrc/common/select.h: a histogram pass, its sum
+    # over the ranks, and radix_step's arithmetic, digit by digit.
     hist = histogram(0, 0)
     k = count_of(int(hist.sum()))
     if k == 0:
         return _write(scores, masks, 0, 0, only_ones, largest)
-    rank, key = k, 0
-    for d in range(ops.pass_digits(dtype)):
-        if d > 0:
-            hist = histogram(d, key)
-        cum = hist.cumsum(0)
-        b = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device)))
-        rank -= int(cum[b] - hist[b])
-        key |= b << max(0, bits - ops.PASS_DIGIT_BITS * (d + 1))
-    ties = int(hist[b])
-    if rank == ties:  # every tie goes: no order needed
-        return _write(scores, masks, key, _INT64_MAX, only_ones, largest)
-    return _split_ties(pieces, comm, key, rank, only_ones, largest, total)
+    d, step = 0, ops.radix_step(hist, 0, 0, k, dtype)
+    while not step.last:
+        d += 1
+        step = ops.radix_step(histogram(d, step.prefix), d, step.prefix, step.rank, dtype)
+    if step.rank == step.count:  # every tie goes: no order needed
+        return _write(scores, masks, step.prefix, _INT64_MAX, only_ones, largest)
+    return _split_ties(pieces, comm, step.prefix, step.rank, only_ones, largest, total)
 
 
 def _write(scores, masks, key, take, only_ones, largest):

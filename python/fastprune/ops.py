@@ -1,5 +1,5 @@
 """Typed, documented wrappers over the ``torch.ops.fastprune`` kernels."""
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -163,6 +163,42 @@ def masks_at_threshold(
         return []
     return torch.ops.fastprune.masks_at_threshold(scores, masks, int(key), int(skip), int(take),
                                                   only_ones, largest)
+
+
+class RadixStep(NamedTuple):
+    """What :func:`radix_step` finds."""
+
+    prefix: int
+    """The digits found so far (the given prefix's higher ones and this one's), lower bits 0."""
+    rank: int
+    """The wanted key's 1-based rank among the candidates whose key starts with ``prefix``."""
+    count: int
+    """Those candidates' number: the count of the histogram bin that holds the wanted key."""
+    last: bool
+    """The digit was the last: ``prefix`` is the wanted key, ``count`` its ties."""
+
+
+def radix_step(hist: torch.Tensor, digit: int, prefix: int, rank: int, dtype: torch.dtype) -> RadixStep:
+    """One step of the radix descent that :func:`radix_histogram` passes feed.
+
+    The descent to the ``rank``-th smallest key goes digit by digit: count the
+    digit over the candidates whose key starts with the digits found so far
+    (:func:`radix_histogram`, summed over the processes that hold pieces of
+    the ranking), then take this step, and count the next digit under its
+    ``prefix``, until a step is the ``last``. The arithmetic is the one the
+    single-process selects use (csrc/common/select.h), on the host.
+
+    Args:
+        hist: the ``2 ** PASS_DIGIT_BITS`` int64 counts of digit ``digit``
+            (read on the host: pass a CPU tensor to avoid a copy).
+        digit: the digit counted, in ``[0, pass_digits(dtype))``.
+        prefix: the digits found by the earlier steps (lower bits ignored).
+        rank: the wanted key's 1-based rank among the candidates counted.
+        dtype: the scores' dtype (it fixes the keys' width).
+    """
+    prefix, rank, count, last = torch.ops.fastprune.radix_step(hist, int(digit), int(prefix), int(rank), dtype)
+    return RadixStep(prefix, rank, count, bool(last))
+
 def segmented_mask(
     scores: torch.Tensor,
     mask: torch.Tensor,

@@ -246,6 +246,61 @@ TEST(FindBucket, FindsTheBinOfTheRankThKey) {
   }
 }
 
+// The descent over the histograms of a key list finds the rank-th smallest
+// key, its rank among its ties and their number; an early stop returns the
+// step it stopped at.
+template <typename key_t, int Bits>
+void expect_descent_finds_the_rank_th_key(std::mt19937_64& rng) {
+  using D = Radix<key_t, Bits>;
+  for (int t = 0; t < 50; ++t) {
+    std::vector<key_t> keys(1 + rng() % 3000);
+    const key_t base = static_cast<key_t>(rng());
+    for (key_t& k : keys) {  // clustered, with ties: many keys share digits
+      k = static_cast<key_t>(rng() % 4 == 0 ? rng() : base + rng() % 64);
+    }
+    std::vector<key_t> sorted = keys;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<int64_t> hist(D::kBins);
+    int calls = 0;
+    auto histogram = [&](int d, key_t prefix) {
+      ++calls;
+      std::fill(hist.begin(), hist.end(), 0);
+      for (key_t k : keys) {
+        if ((k & D::prefix_mask(d)) == (prefix & D::prefix_mask(d))) ++hist[D::digit(k, d)];
+      }
+      return hist.data();
+    };
+    const auto rank = static_cast<int64_t>(1 + rng() % keys.size());
+    calls = -1;  // digit 0's histogram is the caller's
+    const RadixStep<key_t> step = radix_descent<D>(histogram(0, 0), rank, histogram);
+    const key_t want = sorted[rank - 1];
+    const auto first = std::lower_bound(sorted.begin(), sorted.end(), want) - sorted.begin();
+    const auto ties = std::upper_bound(sorted.begin(), sorted.end(), want) - sorted.begin() - first;
+    EXPECT_TRUE(step.last);
+    EXPECT_EQ(calls, D::kDigits - 1);
+    EXPECT_EQ(step.prefix, want);
+    EXPECT_EQ(step.rank, rank - first);
+    EXPECT_EQ(step.count, ties);
+    EXPECT_EQ(step.bin, D::digit(want, D::kDigits - 1));
+
+    const RadixStep<key_t> first_digit = radix_descent<D>(
+        histogram(0, 0), rank, histogram, [](int d, const RadixStep<key_t>&) { return d == 0; });
+    EXPECT_EQ(first_digit.last, D::kDigits == 1);
+    EXPECT_EQ(first_digit.prefix, static_cast<key_t>(want & D::prefix_mask(1)));
+    EXPECT_EQ(first_digit.bin, D::digit(want, 0));
+  }
+}
+
+TEST(RadixDescent, FindsTheRankThKeyItsRankAmongTiesAndTheirCount) {
+  std::mt19937_64 rng(5);
+  expect_descent_finds_the_rank_th_key<uint16_t, 16>(rng);
+  expect_descent_finds_the_rank_th_key<uint32_t, 16>(rng);
+  expect_descent_finds_the_rank_th_key<uint64_t, 16>(rng);
+  expect_descent_finds_the_rank_th_key<uint16_t, kPassDigitBits>(rng);
+  expect_descent_finds_the_rank_th_key<uint32_t, kPassDigitBits>(rng);
+  expect_descent_finds_the_rank_th_key<uint64_t, kPassDigitBits>(rng);
+}
+
 TEST(RoundHalfEven, MatchesPythonRound) {
   // Expected values are Python's round(fraction * n).
   struct Case { double fraction; int64_t n; int64_t expected; };
