@@ -38,6 +38,7 @@ struct Operand {
   at::Tensor mask;    // contiguous or broadcast
   at::Tensor out;     // returned: the mask's dtype and memory format
   at::Tensor dst;     // contiguous buffer written (out itself when contiguous)
+  int64_t packed_row = 0;  // > 0: mask and out are packed bits (bits.h), rows of this many entries
 };
 
 // Allocates an uninitialized tensor with the sizes and strides of

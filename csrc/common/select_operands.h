@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "bits.h"
 #include "operand.h"
 #include "select.h"
 
@@ -46,21 +47,60 @@ inline std::vector<Operand> make_operands(
   return ops;
 }
 
-// The inputs of a pass that writes nothing (radix_histogram, count_at_key):
-// scores and masks read in place (contiguous or a broadcast mask), no output.
-inline std::vector<Operand> make_pass_inputs(
-    const char* op, at::TensorList scores, at::TensorList masks) {
+// Whether `mask` is the packed mask (bits.h) of scores: uint8 of the packed
+// shape, where that is not the scores' own (for a last dim of 1 the packed
+// bytes and a 0/1 uint8 mask are the same thing, and are read as the latter).
+inline bool is_packed_mask(const at::Tensor& scores, const at::Tensor& mask) {
+  return mask.scalar_type() == at::kByte && scores.sizes() != mask.sizes() &&
+      mask.sizes() == at::IntArrayRef(packed_sizes(scores.sizes()));
+}
+
+// One (scores, mask) pair of a separable pass: a mask of the scores' shape
+// (as make_operand checks it), or its packed mask. With `write`, the result
+// is allocated as masks_at_threshold returns it: the mask's format (a packed
+// result is contiguous and zeroed, its bytes a multiple of 4 for the CUDA
+// kernel's 32-bit writes).
+inline Operand make_pass_operand(
+    const at::Tensor& scores, const at::Tensor& mask, bool write, EmptyLike empty_like = plain_empty_like) {
+  if (!is_packed_mask(scores, mask)) {
+    if (write) return make_operand(scores, mask, empty_like);
+    check_pair(scores, mask);
+    Operand op;
+    op.scores = scores.contiguous();
+    op.mask = is_broadcast_scalar(mask) ? mask : mask.contiguous();
+    return op;
+  }
+  TORCH_CHECK(
+      at::isFloatingType(scores.scalar_type()),
+      "fastprune: scores must be a floating point tensor, got ", scores.scalar_type());
+  TORCH_CHECK(
+      scores.device() == mask.device(), "fastprune: scores and mask must be on the same device, got ",
+      scores.device(), " and ", mask.device());
+  Operand op;
+  op.scores = scores.contiguous();
+  op.mask = is_broadcast_scalar(mask) ? mask : mask.contiguous();
+  op.packed_row = std::max<int64_t>(packed_rows(scores.sizes()).n, 1);
+  if (write) {
+    const std::vector<int64_t> sizes = packed_sizes(scores.sizes());
+    int64_t bytes = 1;
+    for (int64_t s : sizes) bytes *= s;
+    op.out = at::zeros({(bytes + 3) / 4 * 4}, mask.options()).narrow(0, 0, bytes).view(sizes);
+    op.dst = op.out;
+  }
+  return op;
+}
+
+// The operands of a separable pass, checked as one select's.
+inline std::vector<Operand> make_pass_operands(
+    const char* op, at::TensorList scores, at::TensorList masks, bool write,
+    EmptyLike empty_like = plain_empty_like) {
   TORCH_CHECK(
       scores.size() == masks.size(), op, ": got ", scores.size(),
       " score tensors and ", masks.size(), " masks");
-  TORCH_CHECK(!scores.empty(), op, ": expected at least one tensor");
+  TORCH_CHECK(write || !scores.empty(), op, ": expected at least one tensor");
   std::vector<Operand> ops;
   for (size_t i = 0; i < scores.size(); ++i) {
-    check_pair(scores[i], masks[i]);
-    Operand op_i;
-    op_i.scores = scores[i].contiguous();
-    op_i.mask = is_broadcast_scalar(masks[i]) ? masks[i] : masks[i].contiguous();
-    ops.push_back(std::move(op_i));
+    ops.push_back(make_pass_operand(scores[i], masks[i], write, empty_like));
   }
   return ops;
 }

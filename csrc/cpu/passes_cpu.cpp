@@ -33,26 +33,55 @@ int64_t chunks_of(int64_t n) {
   return n < (int64_t{1} << 15) ? 1 : at::get_num_threads();
 }
 
-// Calls f(i, cand, key, v, out) for entries [b, e) of `op` (v the mask value,
-// out the typed output or null), the mask dtype dispatched once per call.
+// Calls cut = f(i, cand, key) for entries [b, e) of `op`, the mask dtype
+// dispatched once per call; when `op` has an output, writes the entry's new
+// mask value there: the mask's, or 0 where f cut it (f cuts candidates only).
+// A packed mask (op.packed_row > 0) is read, and its output written, a byte
+// (8 entries of a row) at a time: [b, e) must start and end at byte bounds.
 template <typename score_t, typename F>
 void for_each_entry(const Operand& op, bool only_ones, bool largest, int64_t b, int64_t e, const F& f) {
   const auto* s = op.scores.const_data_ptr<score_t>();
   const bool broadcast = is_broadcast_scalar(op.mask);
+  if (op.packed_row > 0) {
+    const auto* m = op.mask.const_data_ptr<uint8_t>();
+    auto* out = op.dst.defined() ? op.dst.mutable_data_ptr<uint8_t>() : nullptr;
+    const int64_t n = op.packed_row, row_bytes = packed_row_bytes(n);
+    int64_t row = b / n, col = b % n;
+    uint32_t byte = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t at = row * row_bytes + col / 8;
+      const bool live = (m[broadcast ? 0 : at] >> (col % 8)) & 1;
+      const bool cut = f(i, !only_ones || live, magnitude_key(s[i], largest));
+      byte |= static_cast<uint32_t>(live & !cut) << (col % 8);
+      if (col % 8 == 7 || col == n - 1) {
+        if (out != nullptr) out[at] = static_cast<uint8_t>(byte);
+        byte = 0;
+      }
+      if (++col == n) col = 0, ++row;
+    }
+    return;
+  }
   AT_DISPATCH_ALL_TYPES_AND3(
       at::kHalf, at::kBFloat16, at::kBool, op.mask.scalar_type(), "fastprune_passes", [&] {
         const auto* m = static_cast<const scalar_t*>(op.mask.const_data_ptr());
         auto* out = op.dst.defined() ? static_cast<scalar_t*>(op.dst.mutable_data_ptr()) : nullptr;
         for (int64_t i = b; i < e; ++i) {
           const scalar_t v = m[broadcast ? 0 : i];
-          const bool cand = !only_ones || v == scalar_t(1);
-          f(i, cand, magnitude_key(s[i], largest), v, out);
+          const bool cut = f(i, !only_ones || v == scalar_t(1), magnitude_key(s[i], largest));
+          if (out != nullptr) out[i] = keep_or_zero(v, !cut);
         }
       });
 }
 
+// The start of chunk c of C of an operand of n entries: n c / C, moved back
+// to a byte bound of its row for a packed mask (one thread writes a byte).
+int64_t chunk_start(const Operand& op, int64_t n, int64_t c, int64_t chunks) {
+  const int64_t at = n * c / chunks;
+  return op.packed_row > 0 ? at - at % op.packed_row % 8 : at;
+}
+
 // Calls f(op, chunk, begin, end) for every chunk of every non-empty operand,
-// in parallel; chunk c of an operand of n entries is [n c / C, n (c+1) / C).
+// in parallel (see chunk_start).
 template <typename F>
 void for_each_chunk(const std::vector<Operand>& ops, const F& f) {
   // (chunks_of is read here: inside a parallel region the thread count is 1)
@@ -61,7 +90,9 @@ void for_each_chunk(const std::vector<Operand>& ops, const F& f) {
   for (size_t o = 0; o < ops.size(); ++o) {
     const int64_t n = ops[o].scores.numel(), chunks = chunks_of(n);
     if (n == 0) continue;
-    for (int64_t c = 0; c < chunks; ++c) work.push_back({o, c, n * c / chunks, n * (c + 1) / chunks});
+    for (int64_t c = 0; c < chunks; ++c) {
+      work.push_back({o, c, chunk_start(ops[o], n, c, chunks), chunk_start(ops[o], n, c + 1, chunks)});
+    }
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) f(work[w].op, work[w].chunk, work[w].begin, work[w].end);
@@ -78,7 +109,7 @@ std::vector<std::vector<int64_t>> chunk_ties(
   for_each_chunk(ops, [&](size_t o, int64_t c, int64_t b, int64_t e) {
     int64_t n = 0;
     for_each_entry<score_t>(ops[o], only_ones, largest, b, e,
-                            [&](int64_t, bool cand, auto key, auto, auto*) { n += cand & (key == thr); });
+                            [&](int64_t, bool cand, auto key) { n += cand & (key == thr); return false; });
     ties[o][c] = n;
   });
   return ties;
@@ -87,7 +118,7 @@ std::vector<std::vector<int64_t>> chunk_ties(
 at::Tensor radix_histogram_cpu(
     at::TensorList scores, at::TensorList masks, int64_t digit, int64_t prefix,
     bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("radix_histogram", scores, masks);
+  const std::vector<Operand> ops = make_pass_operands("radix_histogram", scores, masks, false);
   check_operands(ops, 0.0);
   constexpr int64_t kBins = int64_t{1} << kPassDigitBits;
   at::Tensor hist = at::zeros({kBins}, at::kLong);
@@ -107,8 +138,9 @@ at::Tensor radix_histogram_cpu(
           std::vector<int64_t>& h = parts[first[o] + c];
           h.assign(kBins, 0);
           for_each_entry<scalar_t>(ops[o], only_ones, largest, b, e,
-                                   [&](int64_t, bool cand, key_t key, auto, auto*) {
+                                   [&](int64_t, bool cand, key_t key) {
                                      if (cand && (key & pmask) == pre) ++h[Digits::digit(key, d)];
+                                     return false;
                                    });
         });
         int64_t* total = hist.mutable_data_ptr<int64_t>();
@@ -121,7 +153,7 @@ at::Tensor radix_histogram_cpu(
 
 at::Tensor count_at_key_cpu(
     at::TensorList scores, at::TensorList masks, int64_t key, bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("count_at_key", scores, masks);
+  const std::vector<Operand> ops = make_pass_operands("count_at_key", scores, masks, false);
   check_operands(ops, 0.0);
   at::Tensor counts = at::zeros({static_cast<int64_t>(ops.size())}, at::kLong);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -140,7 +172,7 @@ std::vector<at::Tensor> masks_at_threshold_cpu(
     at::TensorList scores, at::TensorList masks, int64_t key, int64_t skip,
     int64_t take, bool only_ones, bool largest) {
   check_tie_window("masks_at_threshold", skip, take);
-  std::vector<Operand> ops = make_operands(scores, masks, cached_empty_like);
+  std::vector<Operand> ops = make_pass_operands("masks_at_threshold", scores, masks, true, cached_empty_like);
   check_operands(ops, 0.0);
   if (ops.empty()) return {};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -166,12 +198,12 @@ std::vector<at::Tensor> masks_at_threshold_cpu(
           }
           int64_t rank = 0;
           for_each_entry<scalar_t>(ops[o], only_ones, largest, b, e,
-                                   [&](int64_t i, bool cand, key_t k, auto v, auto* out) {
+                                   [&](int64_t, bool cand, key_t k) {
                                      const bool tie = cand & (k == thr);
                                      const bool cut = (cand & (k < thr)) |
                                          (tie & (rank >= first) & (rank < last));
                                      rank += tie;
-                                     out[i] = keep_or_zero(v, !cut);
+                                     return cut;
                                    });
         });
       });

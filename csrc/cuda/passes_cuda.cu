@@ -38,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/bits.h"
 #include "../common/operand.h"
 #include "../common/select.h"
 #include "../common/select_operands.h"
@@ -71,14 +72,48 @@ __device__ Tile tile_at(const Piece* pieces, int npieces, int64_t t) {
   return {pieces + a, lo, lo + kTile < pieces[a].numel ? lo + kTile : pieces[a].numel};
 }
 
-// Calls f(valid, i, cand, key, v, out) for this thread's kItems elements of
+// The byte of a packed piece's mask (or output) that holds entry i, and the
+// entry's bit in it.
+__device__ int64_t packed_byte(const Piece& piece, int64_t i, int* bit) {
+  const int64_t row = i / piece.packed_row, col = i - row * piece.packed_row;
+  *bit = static_cast<int>(col % 8);
+  return row * packed_row_bytes(piece.packed_row) + col / 8;
+}
+
+// Entry i's mask value: its bits, or for a packed mask its bit (0 or 1).
+template <typename bits_t>
+__device__ bits_t mask_value(const Piece& piece, int64_t i) {
+  if (piece.packed_row > 0) {
+    int bit = 0;
+    const int64_t at = packed_byte(piece, i, &bit);
+    return static_cast<bits_t>((static_cast<const uint8_t*>(piece.mask)[piece.broadcast ? 0 : at] >> bit) & 1);
+  }
+  return static_cast<const bits_t*>(piece.mask)[piece.broadcast ? 0 : i];
+}
+
+// Writes entry i's new mask value: the old one v, or 0 where cut. A packed
+// output starts zeroed and gets its set bits by 32-bit atomic ORs (neighbours
+// in a byte belong to other threads; the buffer is padded to whole words).
+template <typename bits_t>
+__device__ void write_value(const Piece& piece, int64_t i, bits_t v, bool cut) {
+  if (piece.packed_row > 0) {
+    int bit = 0;
+    const int64_t at = packed_byte(piece, i, &bit);
+    if (v != 0 && !cut) atomicOr(static_cast<unsigned*>(piece.out) + at / 4, 1u << (8 * (at % 4) + bit));
+    return;
+  }
+  static_cast<bits_t*>(piece.out)[i] = keep_or_zero(v, !cut);
+}
+
+// Calls f(valid, i, cand, key, v) for this thread's kItems elements of
 // the tile, i = lo + r * kThreads + threadIdx.x for r = 0, 1, ... (so the calls
 // of a block, round by round and thread by thread, go in flat order). The mask
 // is read as raw bits (v) of its size, and out typed alike: an entry is a
 // candidate when not only_ones or when its bits are those of 1 (the same test
 // as mask == 1 in every mask dtype: only 0 has two encodings). Threads past
 // the tile's end are called too (valid false, not a candidate), so that f may
-// hold block-wide steps. The mask is read only when read_mask (which
+// hold block-wide steps. A packed mask is read through mask_value (v is the
+// entry's bit, one is 1). The mask is read only when read_mask (which
 // only_ones needs; else v is 0). All loads are issued before the first call,
 // to keep many in flight.
 template <typename bits_t, typename score_t, typename F>
@@ -87,8 +122,6 @@ __device__ void for_each_element_as(
   using key_t = typename KeyOf<score_t>::type;
   const Piece& piece = *tile.piece;
   const auto* scores = static_cast<const score_t*>(piece.scores);
-  const auto* mask = static_cast<const bits_t*>(piece.mask);
-  auto* out = static_cast<bits_t*>(piece.out);
   const auto one = static_cast<bits_t>(piece.one);
   const int64_t first = tile.lo + threadIdx.x;
   bits_t v[kItems];
@@ -98,7 +131,7 @@ __device__ void for_each_element_as(
     const int64_t i = first + r * kThreads;
     v[r] = 0;
     if (i < tile.hi) {
-      if (read_mask) v[r] = mask[piece.broadcast ? 0 : i];
+      if (read_mask) v[r] = mask_value<bits_t>(piece, i);
       s[r] = scores[i];
     }
   }
@@ -108,7 +141,7 @@ __device__ void for_each_element_as(
     const bool valid = i < tile.hi;
     const bool cand = valid && (!only_ones || v[r] == one);
     const key_t key = valid ? magnitude_key(s[r], largest) : key_t{0};
-    f(valid, i, cand, key, v[r], out);
+    f(valid, i, cand, key, v[r]);
   }
 }
 
@@ -144,7 +177,7 @@ __global__ void histogram_kernel(
   for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
     for_each_element<score_t>(
         tile_at(pieces, npieces, t), only_ones, largest, /*read_mask=*/only_ones,
-        [&](bool, int64_t, bool cand, key_t key, auto, auto*) {
+        [&](bool, int64_t, bool cand, key_t key, auto) {
           if (cand && (key & pmask) == prefix) {
             atomicAdd(&bins[Radix<key_t, kRadixBits>::digit(key, pass)], 1u);
           }
@@ -171,7 +204,7 @@ __global__ void count_ties_kernel(
   int n = 0;
   for_each_element<score_t>(
       tile_at(pieces, npieces, blockIdx.x), only_ones, largest, /*read_mask=*/only_ones,
-      [&](bool, int64_t, bool cand, key_t key, auto, auto*) { n += cand && key == thr; });
+      [&](bool, int64_t, bool cand, key_t key, auto) { n += cand && key == thr; });
   const int total = BlockReduce(temp).Sum(n);
   if (threadIdx.x == 0) ties[blockIdx.x] = total;
 }
@@ -200,9 +233,10 @@ __global__ void write_kernel(
     ranked = last > first && (first > 0 || last < ties[t]);
   }
   int64_t seen = 0;  // ties in the earlier rounds of a ranked tile
+  const Tile tile = tile_at(pieces, npieces, t);
   for_each_element<score_t>(
-      tile_at(pieces, npieces, t), only_ones, largest, /*read_mask=*/true,
-      [&](bool valid, int64_t i, bool cand, key_t key, auto v, auto* out) {
+      tile, only_ones, largest, /*read_mask=*/true,
+      [&](bool valid, int64_t i, bool cand, key_t key, auto v) {
         const bool tie = cand && key == thr;
         bool cut = cand && key < thr;
         if (ranked) {  // block-uniform, so every thread joins the scan
@@ -214,7 +248,7 @@ __global__ void write_kernel(
         } else {
           cut = cut || (tie && last > first);
         }
-        if (valid) out[i] = keep_or_zero(v, !cut);
+        if (valid) write_value(*tile.piece, i, v, cut);
       });
 }
 
@@ -230,7 +264,7 @@ PieceTable piece_table(const std::vector<Operand>& ops) {
         op.scores.const_data_ptr(), op.mask.const_data_ptr(),
         op.dst.defined() ? op.dst.mutable_data_ptr() : nullptr, op.scores.numel(), t.ntiles,
         one_bits(op.mask.scalar_type()),
-        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask)});
+        static_cast<int>(op.mask.element_size()), is_broadcast_scalar(op.mask), op.packed_row});
     t.ntiles += (op.scores.numel() + kTile - 1) / kTile;
   }
   TORCH_CHECK(
@@ -311,7 +345,7 @@ namespace {
 at::Tensor radix_histogram_cuda(
     at::TensorList scores, at::TensorList masks, int64_t digit, int64_t prefix,
     bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("radix_histogram", scores, masks);
+  const std::vector<Operand> ops = make_pass_operands("radix_histogram", scores, masks, false);
   c10::cuda::CUDAGuard guard(ops[0].scores.device());
   const PieceTable table = piece_table(ops);
   at::Tensor hist = at::empty({kRadixBins}, ops[0].scores.options().dtype(at::kLong));
@@ -330,7 +364,7 @@ at::Tensor radix_histogram_cuda(
 
 at::Tensor count_at_key_cuda(
     at::TensorList scores, at::TensorList masks, int64_t key, bool only_ones, bool largest) {
-  const std::vector<Operand> ops = make_pass_inputs("count_at_key", scores, masks);
+  const std::vector<Operand> ops = make_pass_operands("count_at_key", scores, masks, false);
   c10::cuda::CUDAGuard guard(ops[0].scores.device());
   const PieceTable table = piece_table(ops);
   std::vector<int64_t> counts(ops.size(), 0);
@@ -359,7 +393,7 @@ std::vector<at::Tensor> masks_at_threshold_cuda(
     at::TensorList scores, at::TensorList masks, int64_t key, int64_t skip,
     int64_t take, bool only_ones, bool largest) {
   check_tie_window("masks_at_threshold", skip, take);
-  std::vector<Operand> ops = make_operands(scores, masks);
+  std::vector<Operand> ops = make_pass_operands("masks_at_threshold", scores, masks, true);
   check_operands(ops, 0.0);
   if (!ops.empty()) {
     c10::cuda::CUDAGuard guard(ops[0].scores.device());

@@ -32,6 +32,7 @@ struct Piece {
   uint64_t one;        // the bits of the value 1 in the mask's dtype
   int mask_size;       // bytes per mask element: 1, 2, 4 or 8
   bool broadcast;
+  int64_t packed_row;  // > 0: mask and out are packed bits (bits.h), rows of this many entries
 };
 
 // The pieces of a select, as a table on their device, and their tiles.

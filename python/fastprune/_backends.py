@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import _in_place, dtensor, ops
+from . import _crossrank, _in_place, dtensor, ops
 from ._twins import _check_count, _check_draws, _checked_count, _compute_nparams_toprune, _compute_norm, \
     _validate_pruning_amount
 
@@ -117,6 +117,11 @@ class Local:
         """L1 masks of several tensors ranked together with one multi-tensor
         select (see :func:`fastprune.prune._magnitude_masks`)."""
         scores = [magnitude_scores(s) for s in scores]
+        if any(_in_place.is_packed(o, s) for o, s in zip(olds, scores)):
+            # Packed masks (in place, mask="bits"): the separable passes read
+            # them as the live set and answer in them, with no unpacked copy.
+            return _crossrank.select(_crossrank.whole(scores, olds), _crossrank.Alone(scores[0].device),
+                                     lambda n: _checked_count(amount, n), only_ones=True)
         if isinstance(amount, float) and 0.0 <= amount <= 1.0:
             # The kernel computes round(amount * candidates) exactly as Python does.
             return ops.global_unstructured_masks(scores, olds, fraction=amount, only_ones=True)

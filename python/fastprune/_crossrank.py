@@ -118,6 +118,34 @@ class Comm:
         return [e[3] for e in entries]
 
 
+class Alone:
+    """The comm of a select that one process runs over tensors it holds whole
+    through the separable passes (their packed masks, in place): nothing to
+    sum or gather.
+
+    Args:
+        device: the tensors' device.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def sum_(self, t):
+        return t
+
+    def gather_objects(self, obj):
+        return [obj]
+
+
+def whole(scores, masks):
+    """Pieces of tensors held whole, ranked in list order."""
+    pieces, start = [], 0
+    for s, m in zip(scores, masks):
+        pieces.append(Piece(s, m, start, tuple(s.shape), tuple(range(n) for n in s.shape)))
+        start += s.numel()
+    return pieces
+
+
 def _describe(sig):
     return ", ".join(f"{k}={v}" for k, v in sig)
 

@@ -19,9 +19,9 @@ forward:
   post-accumulate-grad hook): the gradient of the reference's ``<name>_orig``,
   so clipping and optimizers see what they would see there;
 * the values are masked again after every ``Optimizer.step`` that holds the
-  parameter, and, through :func:`refresh` (FSDP2: before every all-gather of
-  the parameter's group), when the values or the mask were written since
-  they were last masked (a loaded checkpoint, a manual edit);
+  parameter and after ``load_state_dict``, and, through :func:`refresh`
+  (FSDP2: before every all-gather of the parameter's group), when the values
+  or the mask were written since they were last masked (a manual edit);
 * a copy (``deepcopy``, pickle) is held again by its first :func:`refresh`.
 
 State is keyed by module and parameter name, never by the parameter tensor,
@@ -114,8 +114,10 @@ def stored(mask, fmt, t):
 
 def all_live(fmt, t):
     """A broadcast mask in format ``fmt`` with every entry of the local ``t`` live."""
-    if fmt == "bits":
-        return torch.full((), 0xFF, dtype=torch.uint8, device=t.device).expand(ops.packed_shape(t.shape))
+    if fmt == "bits":  # (a last dim of 1: packed and 0/1 bytes coincide, see is_packed)
+        shape = ops.packed_shape(t.shape)
+        byte = 1 if shape == tuple(t.shape) else 0xFF
+        return torch.full((), byte, dtype=torch.uint8, device=t.device).expand(shape)
     return torch.ones((), dtype=torch.bool, device=t.device).expand(t.shape)
 
 
@@ -125,13 +127,17 @@ def unpacked(mask, shape):
 
 
 def multiply_(values, masks):
-    """Zero the entries of each local tensor of ``values`` where its mask is 0."""
-    dense = [(v, m) for v, m in zip(values, masks) if format_of(m) != "bits"]
+    """Zero the entries of each local tensor of ``values`` where its mask is 0:
+    exactly 0 (NaN and inf too) for bits and bool masks; multiplied by a
+    dense (FSDP2) mask, as the reference's product."""
+    dense = [(v, m) for v, m in zip(values, masks) if format_of(m) == "dense"]
     if dense:
         torch._foreach_mul_([v for v, _ in dense], [m.to(v.dtype) for v, m in dense])
     for v, m in zip(values, masks):
         if format_of(m) == "bits":
             ops.mask_packed_(v, m)
+        elif format_of(m) == "bool":
+            v.masked_fill_(m.logical_not(), 0)
 
 
 @dataclasses.dataclass
@@ -140,6 +146,7 @@ class _Held:
 
     group: object = None  # its FSDP2 param group (None: not FSDP2's)
     grad_hook: Optional[torch.utils.hooks.RemovableHandle] = None
+    load_hook: Optional[torch.utils.hooks.RemovableHandle] = None
     masked: tuple = ()  # (values, mask) identity and versions when last masked
 
 
@@ -156,7 +163,11 @@ def hold(module, name, group=None):
             calls :func:`enforce`), else None.
     """
     global _STEP_HOOK
-    entry = _HELD.setdefault(module, {}).setdefault(name, _Held(group))
+    entry = _HELD.setdefault(module, {}).get(name)
+    if entry is None:
+        entry = _HELD[module][name] = _Held(group)
+        entry.load_hook = module.register_load_state_dict_post_hook(
+            functools.partial(_after_load, name))
     if _STEP_HOOK is None:
         _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
     enforce([(module, name, entry)], force=True)
@@ -172,6 +183,7 @@ def release(module, name):
         del _HELD[module]
     if entry.grad_hook is not None:
         entry.grad_hook.remove()
+    entry.load_hook.remove()
     if not _HELD and _STEP_HOOK is not None:
         _STEP_HOOK.remove()
         _STEP_HOOK = None
@@ -181,10 +193,7 @@ def release(module, name):
 def refresh(module, name):
     """Before a forward: hold ``module.<name>`` if nothing does (a deep copy,
     an unpickled module), and mask it if it was written since it was last
-    masked. Nothing runs while ``torch.compile`` traces (the optimizer-step
-    and gradient hooks keep a trained model pruned)."""
-    if torch.compiler.is_compiling():
-        return
+    masked."""
     entry = held(module, name)
     if entry is None:
         hold(module, name)
@@ -235,6 +244,14 @@ def _mask_grad(module_ref, name, param):
     module = module_ref()
     if module is not None and param.grad is not None and name + "_mask" in module._buffers:
         multiply_([local(param.grad)], [local(module._buffers[name + "_mask"])])
+
+
+def _after_load(name, module, incompatible_keys):
+    """After ``load_state_dict``: mask what it wrote (in eager code, so that
+    a compiled model's next forward sees masked values too)."""
+    entry = held(module, name)
+    if entry is not None and name in module._parameters and name + "_mask" in module._buffers:
+        enforce([(module, name, entry)])
 
 
 def _after_step(optimizer, args, kwargs):

@@ -135,7 +135,11 @@ class InPlace:
 
     def refresh(self, module, name, method):
         """Before a forward: mask the values if they were written (FSDP2
-        parameters: before their all-gather instead)."""
+        parameters: before their all-gather instead). Nothing runs while
+        ``torch.compile`` traces: no guards on the bookkeeping (the optimizer
+        step, gradient and load hooks keep a compiled model pruned)."""
+        if torch.compiler.is_compiling():
+            return
         entry = _in_place.held(module, name)
         if entry is None and fsdp.record(module, name) is not None or entry is not None and entry.group:
             return

@@ -289,12 +289,13 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 def mask_packed_(t: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Zero the entries of ``t`` whose bit in ``packed`` is clear, in place;
-    returns ``t``. A non-contiguous ``t`` goes through an unpacked copy."""
+    """Set the entries of ``t`` whose bit in ``packed`` is clear to exactly 0
+    (NaN and inf too), in place; returns ``t``. A non-contiguous ``t`` goes
+    through an unpacked copy."""
     if t.is_contiguous():
         torch.ops.fastprune.mask_packed_(t, packed)
     else:
-        t.mul_(unpack_mask(packed, t.shape))
+        t.masked_fill_(unpack_mask(packed, t.shape).logical_not_(), 0)
     return t
 
 
