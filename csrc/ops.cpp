@@ -103,6 +103,18 @@ TORCH_LIBRARY(fastprune, m) {
   // Zeroes the entries of the contiguous tensor `t` whose bit in `packed`
   // (t's packed shape) is clear; the others keep their value.
   m.def("mask_packed_(Tensor(a!) t, Tensor packed) -> ()");
+  // The global magnitude select of the in-place layout, in place: of the live
+  // entries of all tensors (ranked as one concatenation in list order, as in
+  // global_unstructured_masks with only_ones), the `count` with the smallest
+  // |scores| (largest when `largest`; NaN above +inf; ties: lower position
+  // first) are pruned: their bit in `masks` is cleared and their entry in
+  // `values` set to 0 (any dtype; `values` may be `scores`). A mask is a bool
+  // tensor of the values' shape (live: true) or their packed mask (live: bit
+  // set). Values and masks are contiguous; count > live entries is a
+  // ValueError, raised before anything is written.
+  m.def(
+      "prune_in_place_(Tensor(a!)[] values, Tensor[] scores, Tensor(b!)[] masks, int count, "
+      "bool largest) -> ()");
   // The norm of every slice of `t` along `dim` (all other dimensions reduced),
   // as float64 of shape (t.size(dim),): p = inf is max |x|, -inf min |x|, 0
   // the count of non-zeros, else (sum |x|^p)^(1/p), as torch.linalg.vector_norm

@@ -31,6 +31,19 @@ inline uint64_t one_bits(at::ScalarType type) {
   return bits;
 }
 
+// Calls f(bits_t{}) with the unsigned type of an element size: kernels that
+// only copy or zero elements (masks, values) read and write them as raw bits.
+template <typename F>
+void dispatch_bits(const char* op, int64_t size, const F& f) {
+  switch (size) {
+    case 1: return f(uint8_t{});
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+    default: TORCH_CHECK(false, op, ": unsupported element size ", size);
+  }
+}
+
 // One (scores, mask) pair of a mask op: the tensors it needs kept alive, and
 // the result.
 struct Operand {

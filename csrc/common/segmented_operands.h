@@ -61,19 +61,6 @@ inline SegmentedOperand make_segmented_operand(
   return s;
 }
 
-// Calls f(bits_t{}) with the unsigned type of a mask's element size: the
-// segmented kernels read and write masks as raw bits.
-template <typename F>
-void dispatch_mask_bits(int64_t size, const F& f) {
-  switch (size) {
-    case 1: return f(uint8_t{});
-    case 2: return f(uint16_t{});
-    case 4: return f(uint32_t{});
-    case 8: return f(uint64_t{});
-    default: TORCH_CHECK(false, "segmented_mask: unsupported mask element size ", size);
-  }
-}
-
 // The error of a segment asked to prune more entries than it has live ones.
 inline void fail_segment_count(
     int64_t segment, int64_t live, int64_t prune) {

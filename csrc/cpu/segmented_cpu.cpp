@@ -206,7 +206,7 @@ at::Tensor segmented_mask_cpu(
   const uint64_t one = one_bits(mask.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, scores.scalar_type(), "segmented_mask", [&] {
-        dispatch_mask_bits(s.op.mask.element_size(), [&](auto bits) {
+        dispatch_bits("segmented_mask", s.op.mask.element_size(), [&](auto bits) {
           using bits_t = decltype(bits);
           auto check = [&](auto& select) {
             const int64_t bad = select.run();

@@ -191,7 +191,7 @@ at::Tensor segmented_mask_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, scores.scalar_type(), "segmented_mask", [&] {
-        dispatch_mask_bits(s.op.mask.element_size(), [&](auto bits) {
+        dispatch_bits("segmented_mask", s.op.mask.element_size(), [&](auto bits) {
           using bits_t = decltype(bits);
           if (s.length <= kSmallSegment) {
             const int64_t blocks = std::min(kMaxBlocks, (s.segments + kSegThreads - 1) / kSegThreads);

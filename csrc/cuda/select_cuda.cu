@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/in_place_operands.h"
 #include "../common/select.h"
 #include "../common/select_operands.h"
 #include "select_cuda.cuh"
@@ -115,11 +116,35 @@ std::vector<at::Tensor> global_unstructured_masks_cuda(
   return select_masks(make_operands(scores, masks), count, fraction, only_ones, largest);
 }
 
+// prune_in_place_ on CUDA: the same select (the passes read the packed or
+// bool masks as the live set and answer in that format, in a buffer the size
+// of the masks), copied back into the masks; then the values are zeroed where
+// the masks are clear.
+void prune_in_place_cuda(
+    at::TensorList values, at::TensorList scores, at::TensorList masks, int64_t count, bool largest) {
+  make_targets(values, scores, masks);  // the checks
+  std::vector<Operand> ops;
+  for (size_t i = 0; i < values.size(); ++i) ops.push_back(make_pass_operand(scores[i], masks[i], true));
+  const std::vector<at::Tensor> out = select_masks(std::move(ops), count, 0.0, true, largest);
+  static const auto mask_packed = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("fastprune::mask_packed_", "")
+      .typed<void(const at::Tensor&, const at::Tensor&)>();
+  for (size_t i = 0; i < values.size(); ++i) {
+    masks[i].copy_(out[i]);
+    if (masks[i].scalar_type() == at::kByte) {
+      mask_packed.call(values[i], masks[i]);
+    } else {
+      values[i].masked_fill_(masks[i].logical_not(), 0);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("unstructured_mask", &unstructured_mask_cuda);
   m.impl("global_unstructured_masks", &global_unstructured_masks_cuda);
+  m.impl("prune_in_place_", &prune_in_place_cuda);
 }
 
 }  // namespace fastprune

@@ -58,6 +58,7 @@ class Local:
     """Tensors this process holds whole: the kernels of :mod:`fastprune.ops`."""
 
     boolean_indexing = True  # the reference's generic container step works
+    selects_in_place = True  # fastprune.ops.prune_in_place_ serves in-place global prunes
 
     def agree(self, t, call, error=None):
         """Nothing to agree with: raise ``error`` if there is one."""
@@ -213,6 +214,7 @@ class Sharded:
     """DTensors: the exact cross-rank selects of :mod:`fastprune.dtensor`."""
 
     boolean_indexing = False  # no boolean indexing of DTensors
+    selects_in_place = False  # the cross-rank select writes new masks
 
     def agree(self, t, call, error=None):
         """Check that every rank of ``t``'s mesh made this call."""

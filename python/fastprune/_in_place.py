@@ -112,6 +112,27 @@ def stored(mask, fmt, t):
     return mask != 0 if fmt == "bool" and mask.dtype != torch.bool else mask
 
 
+def new_mask(fmt, t):
+    """A mask in format ``fmt`` with every entry of the local ``t`` live."""
+    if fmt == "bool":
+        return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+    mask = torch.full(ops.packed_shape(t.shape), 0xFF, dtype=torch.uint8, device=t.device)
+    tail = t.shape[-1] % 8 if t.dim() else 1
+    if tail:
+        mask[..., -1] = (1 << tail) - 1  # padding bits 0
+    return mask
+
+
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+
+
+def count_live(mask):
+    """The live entries of a local bits or bool mask."""
+    if format_of(mask) == "bool":
+        return int(mask.sum())
+    return int(torch.bincount(mask.reshape(-1), minlength=256).cpu() @ _POPCOUNT)
+
+
 def all_live(fmt, t):
     """A broadcast mask in format ``fmt`` with every entry of the local ``t`` live."""
     if fmt == "bits":  # (a last dim of 1: packed and 0/1 bytes coincide, see is_packed)
@@ -155,12 +176,13 @@ def held(module, name):
     return _HELD.get(module, {}).get(name)
 
 
-def hold(module, name, group=None):
+def hold(module, name, group=None, masked=False):
     """Mask ``module.<name>`` with its ``<name>_mask`` and keep it pruned.
 
     Args:
         group: the FSDP2 param group of an FSDP2 parameter (whose all-gather
             calls :func:`enforce`), else None.
+        masked: the values are masked already (by :func:`fastprune.ops.prune_in_place_`).
     """
     global _STEP_HOOK
     entry = _HELD.setdefault(module, {}).get(name)
@@ -170,7 +192,9 @@ def hold(module, name, group=None):
             functools.partial(_after_load, name))
     if _STEP_HOOK is None:
         _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
-    enforce([(module, name, entry)], force=True)
+    if masked:
+        entry.masked = _stamp(module, name)
+    enforce([(module, name, entry)], force=not masked)
 
 
 def release(module, name):
@@ -256,7 +280,8 @@ def _after_load(name, module, incompatible_keys):
 
 def _after_step(optimizer, args, kwargs):
     """Re-mask the held parameters that ``optimizer`` holds: a set lookup per
-    parameter of the optimizer, nothing more for optimizers that hold none."""
+    parameter of the optimizer, nothing more for optimizers that hold none.
+    Always (a fused optimizer writes without bumping version counters)."""
     if not _HELD:
         return
     by_id = {id(module._parameters[name]): (module, name, entry)
@@ -264,4 +289,4 @@ def _after_step(optimizer, args, kwargs):
              if name in module._parameters}
     touched = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
     if touched:
-        enforce(touched)
+        enforce(touched, force=True)

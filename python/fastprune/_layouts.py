@@ -59,6 +59,10 @@ class Reparametrized:
         every entry is live)."""
         return getattr(module, name + "_mask", None)
 
+    def writable_mask(self, module, name):
+        """None: a select cannot prune this layout in place."""
+        return None
+
     def shares_buffer(self, hook_mask, buffer, first):
         """Whether a global prune's :class:`CustomFromMask` may hold the mask
         buffer in place of its own mask: on a first prune the buffer is
@@ -72,7 +76,7 @@ class Reparametrized:
 
     refresh = publish  # before every forward
 
-    def finish(self, module, name):
+    def finish(self, module, name, masked=False):
         """What happens once the whole prune succeeded: nothing more here."""
 
     def remove(self, module, name, method):
@@ -127,6 +131,18 @@ class InPlace:
         buffer = module._buffers.get(name + "_mask")
         return _backends.of(param).live_set(buffer, self.fmt, param)
 
+    count_live = staticmethod(_in_place.count_live)
+
+    def writable_mask(self, module, name):
+        """For a select that prunes in place: the stored mask, or a new one
+        with every entry live (None where it cannot: a dense FSDP2 mask, a
+        DTensor, or a parameter that is not contiguous)."""
+        param = module._parameters[name]
+        if self.fmt == "dense" or not _backends.of(param).selects_in_place or not param.is_contiguous():
+            return None
+        buffer = module._buffers.get(name + "_mask")
+        return _in_place.new_mask(self.fmt, param) if buffer is None else buffer
+
     def shares_buffer(self, hook_mask, buffer, first):
         return True  # binary masks: the buffer is the share itself
 
@@ -145,15 +161,15 @@ class InPlace:
             return
         _in_place.refresh(module, name)
 
-    def finish(self, module, name):
-        """Mask the values and keep them pruned (deferred inside
-        :func:`finished_together`)."""
+    def finish(self, module, name, masked=False):
+        """Mask the values (unless ``masked``: a fused select did) and keep
+        them pruned (deferred inside :func:`finished_together`)."""
         if _DEFERRED is not None:
             _DEFERRED.append((self, module, name))
         elif self.found is not None:
             fsdp.hold(module, name, self.found)
         else:
-            _in_place.hold(module, name)
+            _in_place.hold(module, name, masked=masked)
 
     def remove(self, module, name, method):
         """The values are pruned already: drop the hooks and the mask."""
@@ -190,10 +206,11 @@ def for_prune(module, name):
 
 
 @contextlib.contextmanager
-def finished_together():
+def finished_together(masked=False):
     """A block in which every prune's :meth:`finish` waits for the block to
     end without an error (and is dropped if it fails): a global prune that
-    fails on one pair then changes no values."""
+    fails on one pair then changes no values. ``masked``: the block masked
+    the values itself (its last step, a fused select)."""
     global _DEFERRED
     pending, _DEFERRED = [], []
     try:
@@ -202,7 +219,7 @@ def finished_together():
     finally:
         _DEFERRED = None
     for layout, module, name in pending:
-        layout.finish(module, name)
+        layout.finish(module, name, masked)
 
 
 def of(module, name):

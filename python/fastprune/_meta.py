@@ -87,3 +87,12 @@ def _unpack_mask_fake(packed, n):
 def _mask_packed_fake(t, packed):
     torch._check(tuple(packed.shape) == packed_shape(t.shape), lambda: "mask_packed_: the packed mask's shape")
     torch._check(packed.dtype == torch.uint8, lambda: "mask_packed_: a packed mask is uint8")
+
+
+@torch.library.register_fake("fastprune::prune_in_place_")
+def _prune_in_place_fake(values, scores, masks, count, largest):
+    torch._check(len(values) == len(scores) == len(masks), lambda: "prune_in_place_: as many values, scores, masks")
+    for v, s, m in zip(values, scores, masks):
+        torch._check(v.shape == s.shape, lambda: "prune_in_place_: scores of the values' shape")
+        torch._check(m.shape == v.shape if m.dtype == torch.bool else tuple(m.shape) == packed_shape(v.shape),
+                     lambda: "prune_in_place_: a bool mask of the values' shape or their packed mask")

@@ -299,6 +299,34 @@ def mask_packed_(t: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def prune_in_place_(
+    values: Sequence[torch.Tensor],
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    count: int,
+    *,
+    largest: bool = False,
+) -> None:
+    """The global magnitude select of the in-place layout, in place.
+
+    Of the live entries of all tensors, ranked as one concatenation in list
+    order, the ``count`` with the smallest ``|scores|`` (largest with
+    ``largest``; NaN above inf; ties: lower position first, as in
+    :func:`global_unstructured_masks`) are pruned: their mask entry is
+    cleared and their value set to exactly 0.
+
+    Args:
+        values: contiguous tensors, written in place (may be the scores).
+        scores: floating-point scores of one dtype, each of its values' shape.
+        masks: per tensor a contiguous bool mask of its shape (live: True) or
+            its packed mask (:func:`pack_mask`; live: bit set), written in
+            place.
+        count: entries to prune; more than the live entries is a ValueError,
+            raised before anything is written.
+    """
+    torch.ops.fastprune.prune_in_place_(list(values), list(scores), list(masks), int(count), largest)
+
+
 def cached_empty_like(t: torch.Tensor) -> torch.Tensor:
     """An uninitialized tensor like ``t`` (dtype, sizes and strides as
     ``torch.empty_like(t)``), never requiring grad.

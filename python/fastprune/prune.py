@@ -1131,11 +1131,30 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     currents, scores, method = prepared.currents, prepared.scores, prepared.method
     path = _kernel_path(method)
     if path is not None and all(path.accepts(s, m) for s, m in zip(scores, prepared.masks_or_ones)):
+        writable = prepared.writable_masks() if path.reads_live_sets else None
+        if writable is not None:
+            return _global_in_place(prepared, writable)
         masks = prepared.live_sets() if path.reads_live_sets else prepared.masks()
         own_masks = path.global_masks(method, currents, scores, masks)
     else:
         own_masks = _global_reference_masks(prepared.container, currents, scores, prepared.masks())
     _apply_global_masks(prepared.parameters, own_masks, prepared.firsts)
+
+
+def _global_in_place(prepared, masks):
+    """A global magnitude prune whose pairs are all pruned in place (bits or
+    bool masks, local tensors): :func:`fastprune.ops.prune_in_place_` selects
+    among the live entries and, in its last pass, clears the pruned entries'
+    mask bits and zeroes their values; the masks are the stored ones (for a
+    first prune, new ones with every entry live), nothing else is allocated.
+    The amount is checked, and every pair installed, before it runs."""
+    scores, _ = _kernel_paths.promoted_scores([_backends.magnitude_scores(s) for s in prepared.scores])
+    n = sum(c.numel() if first else layout.count_live(m) for c, m, first, layout in
+            zip(prepared.currents, masks, prepared.firsts, prepared.layouts))
+    k = _checked_count(prepared.method.amount, n)
+    values = [module._parameters[name].detach() for module, name in prepared.parameters]
+    _apply_global_masks(prepared.parameters, list(masks), prepared.firsts,
+                        prune_values=lambda: ops.prune_in_place_(values, scores, masks, k))
 
 
 def _prepare_global_agreed(parameters, importance_scores, pruning_method, kwargs):
@@ -1194,6 +1213,13 @@ class _PreparedGlobal:
         return [None if first else layout.mask(module, name)
                 for (module, name), layout, first in zip(self.parameters, self.layouts, self.firsts)]
 
+    def writable_masks(self):
+        """Each pair's mask for a select that prunes in place
+        (:meth:`fastprune._layouts.InPlace.writable_mask`), or None unless
+        every pair has one."""
+        masks = [layout.writable_mask(module, name) for (module, name), layout in zip(self.parameters, self.layouts)]
+        return None if not masks or any(m is None for m in masks) else masks
+
     def live_sets(self):
         """Each pair's mask as its layout stores it, for a select that reads
         every stored format (None: unpruned in the reference's layout)."""
@@ -1250,23 +1276,28 @@ def _prepare_global(parameters, importance_scores, pruning_method, kwargs, allow
                            container=container, dtype=dtype, device=scores[0].device if scores else None)
 
 
-def _apply_global_masks(parameters, own_masks, firsts):
+def _apply_global_masks(parameters, own_masks, firsts, prune_values=None):
     """Prune each pair with its mask through :func:`custom_from_mask`; all or
     nothing: if one fails, every module is put back as it was.
 
-    ``firsts`` says for each pair whether it was unpruned."""
+    ``firsts`` says for each pair whether it was unpruned. ``prune_values``,
+    when given, runs once every pair is installed: it computes the masks in
+    place and prunes the values (the pairs are then held without masking
+    them again)."""
     names = {}
     for module, name in parameters:
         names.setdefault(id(module), (module, []))[1].append(name)
     saved = {key: _layouts.Snapshot(module, module_names) for key, (module, module_names) in names.items()}
     done = []
     try:
-        with _layouts.finished_together():  # in place, values change only once all succeeded
+        with _layouts.finished_together(masked=prune_values is not None):  # values change last
             for i, (module, name) in enumerate(parameters):
                 CustomFromMask._apply_owned(module, name, own_masks[i])
                 own_masks[i] = None
                 _share_mask(module, name, first=firsts[i])
                 done.append((module, name))
+            if prune_values is not None:
+                prune_values()
     except BaseException:
         # All or nothing: undo the parameters pruned before the failure.
         for key, snapshot in saved.items():
