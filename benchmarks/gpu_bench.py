@@ -14,6 +14,7 @@ Peak memory is the growth of torch.cuda's peak allocation over what was
 allocated before the prune (on the CPU: not measured).
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -135,11 +136,16 @@ def llama_like_shapes(hidden=4096, ffn=11008, vocab=64000, layers=32):
 SCALE_SHAPES = {False: llama_like_shapes(), True: llama_like_shapes(64, 172, 1000, 2)}
 
 
+SCALE_SIDES = ("fastprune in place", "fastprune", "torch")
+
+
 def scale_side(side, device, tiny):
     """One side's global L1 prune (amount 0.5) of the llama-like parameters in
     bf16, in this process: what happened, the time, the peak torch.cuda
-    allocation and its growth over the weights."""
-    prune = bench.SIDES[side]
+    allocation and its growth over the weights. "fastprune in place" prunes
+    inside ``fastprune.in_place("bits")``."""
+    in_place = side == "fastprune in place"
+    prune = bench.SIDES["fastprune" if in_place else side]
     shapes = SCALE_SHAPES[tiny]
     g = torch.Generator(device=device).manual_seed(0)
     m = torch.nn.Module()
@@ -151,11 +157,11 @@ def scale_side(side, device, tiny):
               "weight_bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (fastprune.in_place("bits") if in_place else contextlib.nullcontext()):
             result["peak_growth_bytes"] = peak_growth(device, lambda: prune.global_unstructured(
                 [(m, f"p{i}") for i in range(len(shapes))], pruning_method=prune.L1Unstructured, amount=0.5))
         result["seconds"] = time.perf_counter() - t0
-        pruned = sum(int((b == 0).sum()) for n, b in m.named_buffers() if n.endswith("_mask"))
+        pruned = sum(int((~fastprune.prune.mask_of(m, f"p{i}")).sum()) for i in range(len(shapes)))
         result.update(outcome="ok", pruned=pruned, exact=pruned == round(0.5 * numel))
     except Exception as e:  # the reference fails at this size: record how
         result["seconds"] = time.perf_counter() - t0
@@ -171,7 +177,7 @@ def scale(device, tiny, budget_s):
     recorded as such."""
     out = {}
     start = time.perf_counter()
-    for side in ("fastprune", "torch"):
+    for side in SCALE_SIDES:
         left = max(budget_s - (time.perf_counter() - start), 1.0)
         cmd = [sys.executable, os.path.abspath(__file__), "--child-scale", side, device, str(int(tiny))]
         print(f"- scale, {side} (limit {left:.0f} s) ...", flush=True)

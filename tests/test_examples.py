@@ -57,7 +57,7 @@ def run_script(name, tmp_path, nproc=None):
 
 
 def test_every_example_is_run_here():
-    tested = {"quickstart.py", "patch_torch.py", "wanda.py", "dtensor_prune.py", "fsdp_prune.py"}
+    tested = {"quickstart.py", "patch_torch.py", "wanda.py", "in_place_llm.py", "dtensor_prune.py", "fsdp_prune.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -77,6 +77,11 @@ def test_wanda_prunes_half_of_every_row():
         for lin in (block.qkv, block.proj, block.fc1, block.fc2):
             per_row = (lin.weight_mask == 0).sum(1)
             assert (per_row == round(0.5 * lin.in_features)).all()
+
+
+def test_in_place_llm(tmp_path):
+    [words] = run_script("in_place_llm.py", tmp_path)
+    assert words == ["torch.uint8", "(256,", "32)", "True"], words
 
 
 def test_dtensor_prune(tmp_path):

@@ -46,9 +46,9 @@ def test_dry_run_prints_every_stage_and_writes_the_summary(tmp_path):
                     " -m pip install --no-build-isolation --no-deps -v -e .",
                     "fastprune.build_info()", "nvidia-smi",
                     f"-m pytest -p no:cacheprovider --timeout=100 -v -rs -k 'cuda or two_devices' "
-                    f"--junitxml='{out}/junit.xml' tests/test_cuda.py tests/test_cuda_prune.py",
+                    f"--junitxml='{out}/junit.xml' tests/test_cuda.py tests/test_cuda_in_place.py tests/test_cuda_prune.py",
                     f"benchmarks/gpu_bench.py l1 --out '{out}'", f"benchmarks/gpu_bench.py gpt2 --out '{out}'",
-                    f"benchmarks/gpu_bench.py scale --out '{out}' --budget-s 60"):
+                    f"benchmarks/gpu_bench.py scale --out '{out}' --budget-s 80"):
         assert command in text, command
     assert {p.name for p in out.iterdir()} == {"run.log", "summary.md"}
     assert summary_rows(out) == {stage: "dry-run" for stage in STAGES}

@@ -36,12 +36,19 @@ C10_HOST_DEVICE inline uint8_t pack_byte(const T* row, int64_t b, int64_t n) {
   return static_cast<uint8_t>(byte);
 }
 
-// Zeroes the entries of byte b's span of `row` whose bit is clear.
+// Zeroes the entries of byte b's span of `row` whose bit is clear (a whole
+// byte in a loop of constant length, which unrolls).
 template <typename T>
 C10_HOST_DEVICE inline void zero_cleared(T* row, int64_t b, int64_t n, uint8_t byte) {
   if (byte == 0xFF) return;
+  T* p = row + 8 * b;
   const int width = byte_width(b, n);
-  for (int j = 0; j < width; ++j) row[8 * b + j] = keep_or_zero(row[8 * b + j], ((byte >> j) & 1) != 0);
+  if (width == 8) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p[j] = keep_or_zero(p[j], ((byte >> j) & 1) != 0);
+    return;
+  }
+  for (int j = 0; j < width; ++j) p[j] = keep_or_zero(p[j], ((byte >> j) & 1) != 0);
 }
 
 // Host side: the packed shape of a tensor of shape `sizes`.

@@ -34,6 +34,8 @@ class KernelPath:
     # A first prune may pass a stride-0 view of a single one as the default
     # mask (the kernel reads it in place, see unpruned_mask).
     first_ones = True
+    # Its global select reads masks in every stored format (see UnstructuredPath).
+    reads_live_sets = False
 
     def accepts(self, t, mask):
         """Whether the path serves a container step on ``t`` with ``mask``."""
@@ -130,13 +132,13 @@ def magnitude_masks(amount, currents, scores, masks):
 
     ``masks`` holds each tensor's current mask, or None for an unpruned one.
     Candidates are the entries still at 1; ``|score|`` is ranked across all
-    parameters with one multi-tensor select. A mask in an in-place format
-    (bool, or packed uint8) gets its new mask in that format; the others
-    take the scores' dtype, as the reference's.
+    parameters with one multi-tensor select. New masks take the scores'
+    dtype, as the reference's, except packed ones (of an in-place layout's
+    bits), which keep their format.
     """
     scores, dtype, olds = kernel_operands(currents, scores, masks)
     new = _backends.of(*scores).magnitude_masks(amount, currents, scores, olds, masks)
-    return [m if m.dtype in (torch.bool, torch.uint8) else m.to(dtype) for m in new]
+    return [m if m.shape != s.shape else m.to(dtype) for m, s in zip(new, scores)]
 
 
 def random_masks(amount, currents, scores, masks):
