@@ -461,8 +461,8 @@ def test_lightning_model_pruning_same_result_patched():
 
     for global_prune in (False, True):
         plain = train(global_prune)
-        with fastprune.patched(), mock.patch.object(FAST.ops, "global_unstructured_masks",
-                                                    wraps=FAST.ops.global_unstructured_masks) as kernel:
+        with fastprune.patched(), mock.patch.object(fastprune.ops, "global_unstructured_masks",
+                                                    wraps=fastprune.ops.global_unstructured_masks) as kernel:
             patched = train(global_prune)
         assert kernel.called
         assert plain.keys() == patched.keys()

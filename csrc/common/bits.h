@@ -81,4 +81,16 @@ inline void check_packed(const char* op, const at::Tensor& t, const at::Tensor& 
               t.device(), " and ", packed.device());
 }
 
+// Host side: checks the arguments of unpack_mask and allocates its result,
+// the bool mask of shape (*packed.shape[:-1], n).
+inline at::Tensor unpacked_empty(const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(n >= 0, "unpack_mask: n must be >= 0, got ", n);
+  TORCH_CHECK(packed.dim() >= 1, "unpack_mask: expected a packed mask with at least one dimension");
+  std::vector<int64_t> sizes(packed.sizes().begin(), packed.sizes().end());
+  sizes.back() = n;
+  at::Tensor out = at::empty(sizes, packed.options().dtype(at::kBool));
+  check_packed("unpack_mask", out, packed);
+  return out;
+}
+
 }  // namespace fastprune

@@ -31,12 +31,7 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask) {
 }
 
 at::Tensor unpack_mask_cpu(const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(n >= 0, "unpack_mask: n must be >= 0, got ", n);
-  TORCH_CHECK(packed.dim() >= 1, "unpack_mask: expected a packed mask with at least one dimension");
-  std::vector<int64_t> sizes(packed.sizes().begin(), packed.sizes().end());
-  sizes.back() = n;
-  at::Tensor out = at::empty(sizes, packed.options().dtype(at::kBool));
-  check_packed("unpack_mask", out, packed);
+  at::Tensor out = unpacked_empty(packed, n);
   const at::Tensor p = packed.contiguous();
   const PackedRows r = packed_rows(out.sizes());
   const uint8_t* x = p.const_data_ptr<uint8_t>();

@@ -29,7 +29,7 @@
 namespace fastprune {
 namespace {
 
-template <typename score_t>
+template <typename score_t, bool kLargest>
 class InPlaceSelect {
   using key_t = typename KeyOf<score_t>::type;
   using Digits = Radix<key_t, 16>;
@@ -38,8 +38,7 @@ class InPlaceSelect {
   static constexpr int64_t kBlock = int64_t{1} << 31;  // entries per fold: < 2^32 per way
 
  public:
-  InPlaceSelect(std::vector<Target> targets, bool largest)
-      : targets_(std::move(targets)), largest_(largest) {
+  explicit InPlaceSelect(std::vector<Target> targets) : targets_(std::move(targets)) {
     for (const Target& t : targets_) numel_ += t.numel;
     chunks_ = numel_ < (int64_t{1} << 15) ? 1 : at::get_num_threads();
     bounds_.push_back(0);
@@ -86,21 +85,23 @@ class InPlaceSelect {
     }
   }
 
-  // Calls cut = f(live, key) for the entries [b, e) of `t` in order; with
-  // `write`, a cut entry's mask is cleared and its value set to 0.
+  // Calls cut = f(lane, key, live) for the entries of [b, e) of `t` in order
+  // (lane: the entry's place in its byte, 0 for a bool mask; f cuts live
+  // entries only); with `write`, a cut entry's mask is cleared and its value
+  // set to 0. Bytes of a packed mask with no live entry are skipped whole.
   template <bool write, typename F>
   void scan(const Target& t, int64_t b, int64_t e, const F& f) const {
     const auto* s = static_cast<const score_t*>(t.scores);
-    const bool largest = largest_;
     dispatch_bits("prune_in_place_", t.value_size, [&](auto zero) {
       using bits_t = decltype(zero);
       auto* v = static_cast<bits_t*>(t.values);
       if (t.row == 0) {  // bool
         auto* m = static_cast<bool*>(t.mask);
         for (int64_t i = b; i < e; ++i) {
-          const bool cut = f(m[i], magnitude_key(s[i], largest));
+          const bool live = m[i];
+          const bool cut = f(0, magnitude_key(s[i], kLargest), live);
           if constexpr (write) {
-            m[i] = m[i] & !cut;
+            m[i] = live & !cut;
             v[i] = keep_or_zero(v[i], !cut);
           }
         }
@@ -112,12 +113,21 @@ class InPlaceSelect {
       // so that loop unrolls).
       auto byte_at = [&](int64_t at, int64_t i, auto width) {
         const uint32_t byte = m[at];
-        uint32_t kept = 0;
-        for (int j = 0; j < static_cast<int>(width); ++j) {
-          const bool live = (byte >> j) & 1;
-          const bool cut = f(live, magnitude_key(s[i + j], largest));
-          kept |= static_cast<uint32_t>(live & !cut) << j;
-          if constexpr (write) v[i + j] = keep_or_zero(v[i + j], !cut);
+        if (byte == 0) return;
+        uint32_t kept = byte;
+        if (byte == 0xFF && static_cast<int>(width) == 8) {  // all live (a first prune): no test per entry
+          for (int j = 0; j < 8; ++j) {
+            const bool cut = f(j, magnitude_key(s[i + j], kLargest), std::true_type{});
+            kept &= ~(static_cast<uint32_t>(cut) << j);
+            if constexpr (write) v[i + j] = keep_or_zero(v[i + j], !cut);
+          }
+        } else {
+          for (int j = 0; j < static_cast<int>(width); ++j) {
+            const bool live = (byte >> j) & 1;
+            const bool cut = f(j, magnitude_key(s[i + j], kLargest), live);
+            kept &= ~(static_cast<uint32_t>(cut) << j);
+            if constexpr (write) v[i + j] = keep_or_zero(v[i + j], !cut);
+          }
         }
         if constexpr (write) m[at] = static_cast<uint8_t>(kept);
       };
@@ -138,9 +148,9 @@ class InPlaceSelect {
 
   // Histogram of digit d over the live entries whose higher digits equal
   // `prefix`, per chunk (kept for the tie split), summed into total_. Each
-  // bin has kWays 32-bit counters, entry j of a byte to way j % kWays, so a
-  // run of one bin does not serialize on one counter; they are folded into
-  // the chunk's 64-bit counts before they could overflow.
+  // bin has kWays 32-bit counters, an entry's lane picking one, so a run of
+  // one bin does not serialize on one counter; they are folded into the
+  // chunk's 64-bit counts before they could overflow.
   void histogram(int d, key_t prefix) {
     const key_t pmask = Digits::prefix_mask(d);
     const int shift = Digits::shift(d);
@@ -149,7 +159,7 @@ class InPlaceSelect {
         int64_t* h = hist_.data() + c * kBins;
         std::fill(h, h + kBins, 0);
         std::vector<uint32_t> ways(kBins * kWays, 0);
-        int64_t pending = 0, way = 0;
+        int64_t pending = 0;
         auto fold = [&] {
           for (int64_t bin = 0; bin < kBins; ++bin) {
             for (int w = 0; w < kWays; ++w) h[bin] += ways[bin * kWays + w];
@@ -163,14 +173,17 @@ class InPlaceSelect {
             if (pending + (stop - start) > kBlock) fold();
             pending += stop - start;
             uint32_t* w = ways.data();
-            const key_t pm = pmask, pre = prefix;
-            const bool first = d == 0;
-            scan<false>(t, start, stop, [&](bool live, key_t key) {
-              if (first || (key & pm) == pre) {
-                w[((key >> shift) & (kBins - 1)) * kWays + (way++ & (kWays - 1))] += live;
-              }
-              return false;
-            });
+            if (d == 0) {  // every live entry counts
+              scan<false>(t, start, stop, [w, shift](int lane, key_t key, auto live) {
+                w[((key >> shift) & (kBins - 1)) * kWays + (lane & (kWays - 1))] += live;
+                return false;
+              });
+            } else {
+              scan<false>(t, start, stop, [w, shift, pmask, prefix](int lane, key_t key, auto live) {
+                if ((key & pmask) == prefix) w[((key >> shift) & (kBins - 1)) * kWays + (lane & (kWays - 1))] += live;
+                return false;
+              });
+            }
           }
         });
         fold();
@@ -197,11 +210,9 @@ class InPlaceSelect {
         int64_t rank = 0;
         const int64_t q = quota[c];
         for_each_part(c, [&](const Target& t, int64_t b, int64_t e) {
-          scan<true>(t, b, e, [&](bool live, key_t key) {
-            const bool tie = live & (key == thr);
-            const bool cut = (live & (key < thr)) | (tie & (rank < q));
-            rank += tie;
-            return cut;
+          scan<true>(t, b, e, [&rank, thr, q](int, key_t key, auto live) -> bool {
+            if (C10_UNLIKELY(key == thr)) return live && rank++ < q;  // a live tie: the first q of the chunk go
+            return static_cast<bool>(live & (key < thr));
           });
         });
       }
@@ -209,7 +220,6 @@ class InPlaceSelect {
   }
 
   std::vector<Target> targets_;
-  bool largest_;
   int64_t numel_ = 0;
   int64_t chunks_ = 1;
   std::vector<int64_t> bounds_;  // chunk c is [bounds_[c], bounds_[c + 1])
@@ -226,7 +236,11 @@ void prune_in_place_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, scores[0].scalar_type(), "prune_in_place_", [&] {
-        InPlaceSelect<scalar_t>(std::move(targets), largest).run(count);
+        if (largest) {
+          InPlaceSelect<scalar_t, true>(std::move(targets)).run(count);
+        } else {
+          InPlaceSelect<scalar_t, false>(std::move(targets)).run(count);
+        }
       });
 }
 

@@ -58,12 +58,7 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask) {
 
 at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t n) {
   c10::cuda::CUDAGuard guard(packed.device());
-  TORCH_CHECK(n >= 0, "unpack_mask: n must be >= 0, got ", n);
-  TORCH_CHECK(packed.dim() >= 1, "unpack_mask: expected a packed mask with at least one dimension");
-  std::vector<int64_t> sizes(packed.sizes().begin(), packed.sizes().end());
-  sizes.back() = n;
-  at::Tensor out = at::empty(sizes, packed.options().dtype(at::kBool));
-  check_packed("unpack_mask", out, packed);
+  at::Tensor out = unpacked_empty(packed, n);
   const at::Tensor p = packed.contiguous();
   const PackedRows r = packed_rows(out.sizes());
   if (r.rows * r.bytes == 0) return out;

@@ -116,7 +116,7 @@ class Local:
 
     def magnitude_masks(self, amount, currents, scores, olds, masks):
         """L1 masks of several tensors ranked together with one multi-tensor
-        select (see :func:`fastprune.prune._magnitude_masks`)."""
+        select (see :func:`fastprune._kernel_paths.magnitude_masks`)."""
         scores = [magnitude_scores(s) for s in scores]
         if any(_in_place.is_packed(o, s) for o, s in zip(olds, scores)):
             # Packed masks (in place, mask="bits"): the separable passes read

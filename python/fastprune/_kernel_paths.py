@@ -2,7 +2,7 @@
 mask computations they run.
 
 Each method class of :mod:`fastprune.prune` names its path (a class
-attribute ``_kernel``); :func:`fastprune.prune._kernel_path` answers, in one
+attribute ``_kernel``); :func:`fastprune._methods._kernel_path` answers, in one
 place, whether a method object may take it (our exact class, its
 ``compute_mask`` not replaced). A path says how a container step and a
 global prune compute their masks:

@@ -24,7 +24,8 @@ rank's entries. See docs/distributed.md for the design.
 import torch
 import torch.distributed as dist
 
-from . import _backends, _crossrank, _kernel_paths, dtensor, ops, prune
+from . import _backends, _crossrank, _global, _kernel_paths, _methods, dtensor, ops
+from ._twins import _checked_count
 from ._crossrank import DistributedPruningError, reset_traffic, traffic  # noqa: F401  (public names)
 
 __all__ = ["global_unstructured", "traffic", "reset_traffic", "DistributedPruningError"]
@@ -60,14 +61,14 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
     comm = _crossrank.Comm([group], "cpu")
     prepared, error, dtype, device, random, seed = None, None, None, None, False, None
     try:
-        prepared = prune._prepare_global(parameters, importance_scores, pruning_method, kwargs,
+        prepared = _global._prepare_global(parameters, importance_scores, pruning_method, kwargs,
                                          allow_empty=True)
         if any(dtensor.is_dtensor(c) for c in prepared.currents):
             raise ValueError(
                 "fastprune.distributed.global_unstructured ranks plain tensors that each rank holds whole; "
                 "for DTensor and FSDP2 parameters call fastprune.prune.global_unstructured (every rank, "
                 "the same pairs)")
-        path = prune._kernel_path(prepared.method)
+        path = _methods._kernel_path(prepared.method)
         if not isinstance(path, _kernel_paths.UnstructuredPath):
             raise NotImplementedError(
                 "fastprune.distributed.global_unstructured: only L1Unstructured and "
@@ -106,7 +107,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, grou
         p.scores = _crossrank.uniform_draws(ranks[0][2], p.positions()).to(p.mask.device) if random else \
             _backends.magnitude_scores(p.scores)
     amount = kwargs.get("amount")
-    new = _crossrank.select(pieces, comm, lambda n: prune._checked_count(amount, n), only_ones=True,
+    new = _crossrank.select(pieces, comm, lambda n: _checked_count(amount, n), only_ones=True,
                  largest=random, dtype=dtype, total=total)
     own = [m.view(c.shape).to(prepared.dtype) for m, c in zip(new, prepared.currents)]
-    prune._apply_global_masks(prepared.parameters, own, prepared.firsts)
+    _global._apply_global_masks(prepared.parameters, own, prepared.firsts)
