@@ -223,6 +223,21 @@ class Sharded:
     def assign(self, param, value):
         dtensor.assign(param, value)  # (`.data =` does not reach a DTensor's local shard)
 
+    def unsupported_container_step(self, method, t):
+        """The error of a container step the reference would run by boolean
+        indexing, which DTensors do not have (for any other method than
+        Identity and the "global" ones)."""
+        if method.PRUNING_TYPE == "structured" and t.dim() <= 1:
+            return NotImplementedError(
+                f"fastprune: {type(method).__name__} on a 1-D DTensor that is already pruned: the "
+                "reference then prunes a (1, n) view of it (a quirk of its boolean indexing), which "
+                "fastprune does not reproduce for DTensors; prune 1-D parameters with an unstructured "
+                "method")
+        return NotImplementedError(
+            f"fastprune: {type(method).__name__} in a PruningContainer is not supported for DTensor "
+            "parameters (supported: fastprune's own L1/Random Unstructured, Ln/Random Structured, "
+            "Identity, CustomFromMask)")
+
     def mask_format(self, param, fmt):
         """Bool where a packed mask cannot be placed like ``param``
         (:func:`fastprune.dtensor.packs_like`)."""

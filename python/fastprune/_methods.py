@@ -423,20 +423,11 @@ class PruningContainer(BasePruningMethod, _torch_prune.PruningContainer):
             return path.step(method, t, mask)
         backend = _backends.of(t)
         if not backend.boolean_indexing:
-            # No boolean indexing of DTensors: a method that ignores the
-            # region (Identity) or covers it all ("global") runs on the whole.
+            # A method that ignores the region (Identity) or covers it all
+            # ("global") runs on the whole tensor; the backend refuses others.
             if method.PRUNING_TYPE == "global" or _is_plain(method, (Identity,)):
                 return method.compute_mask(t, default_mask=mask).to(dtype=t.dtype)
-            if method.PRUNING_TYPE == "structured" and t.dim() <= 1:
-                raise NotImplementedError(
-                    f"fastprune: {type(method).__name__} on a 1-D DTensor that is already pruned: the "
-                    "reference then prunes a (1, n) view of it (a quirk of its boolean indexing), which "
-                    "fastprune does not reproduce for DTensors; prune 1-D parameters with an unstructured "
-                    "method")
-            raise NotImplementedError(
-                f"fastprune: {type(method).__name__} in a PruningContainer is not supported for DTensor "
-                "parameters (supported: fastprune's own L1/Random Unstructured, Ln/Random Structured, "
-                "Identity, CustomFromMask)")
+            raise backend.unsupported_container_step(method, t)
 
         new_mask = mask.to(dtype=t.dtype)
         pruning_type = method.PRUNING_TYPE
