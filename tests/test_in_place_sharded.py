@@ -50,7 +50,7 @@ from dist_util import run_ranks
 from in_place_util import pack_reference, stored_problems
 from test_fsdp import Tiny, linears, loss, wrapped
 from test_sharded_fuzz import (
-    adopt_masks, attempt, describe, draw_example, effective, expected_error, full, gather, layout_summary,
+    adopt_masks, attempt, describe, draw_example, effective, expected_error, full, gather, hook_problems, layout_summary,
     make_meshes, make_sides, placement_problems, pruning_chain, random_problems, refused, run_hooks, structure,
     view,
 )
@@ -128,11 +128,7 @@ def compare(ref, sh):
         expected = effective(r)
         if s["param"].dtype != expected.dtype or not torch.equal(s["param"], expected):
             problems.append(f"{target}: values {s['param']}\nvs reference {expected}")
-    if sh["hooks"] != ref["hooks"]:
-        problems.append(f"pruning hooks {sh['hooks']} vs reference {ref['hooks']}")
-    if sh["pruned"] != ref["pruned"]:
-        problems.append(f"is_pruned {sh['pruned']} vs reference {ref['pruned']}")
-    return problems
+    return problems + hook_problems(ref, sh)
 
 
 def same_view(a, b):

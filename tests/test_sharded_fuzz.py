@@ -579,6 +579,12 @@ def compare(ref, sh, layout):
             diff = same_tensor(a, b)
             if diff:
                 problems.append(f"{target} {key}: {diff}")
+    return problems + hook_problems(ref, sh)
+
+
+def hook_problems(ref, sh):
+    """Differences in the pruning hooks and is_pruned of two views."""
+    problems = []
     if sh["hooks"] != ref["hooks"]:
         problems.append(f"pruning hooks {sh['hooks']} vs reference {ref['hooks']}")
     if sh["pruned"] != ref["pruned"]:

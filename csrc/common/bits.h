@@ -44,7 +44,6 @@ C10_HOST_DEVICE inline void zero_cleared(T* row, int64_t b, int64_t n, uint8_t b
   T* p = row + 8 * b;
   const int width = byte_width(b, n);
   if (width == 8) {
-#pragma unroll
     for (int j = 0; j < 8; ++j) p[j] = keep_or_zero(p[j], ((byte >> j) & 1) != 0);
     return;
   }
