@@ -214,15 +214,20 @@ def release(module, name):
     return entry
 
 
-def refresh(module, name):
-    """Before a forward: hold ``module.<name>`` if nothing does (a deep copy,
-    an unpickled module), and mask it if it was written since it was last
-    masked."""
-    entry = held(module, name)
+def refresh(module, name, entry):
+    """Before a forward: hold ``module.<name>`` if nothing does (``entry``
+    None: a deep copy, an unpickled module), else mask it if it was written
+    since it was last masked."""
     if entry is None:
         hold(module, name)
     else:
         enforce([(module, name, entry)])
+
+
+@torch.no_grad()
+def mask_once(module, name):
+    """Mask the values of ``module.<name>`` with its mask, keeping nothing."""
+    multiply_([local(module._parameters[name])], [local(module._buffers[name + "_mask"])])
 
 
 @torch.no_grad()

@@ -157,9 +157,11 @@ class InPlace:
         if torch.compiler.is_compiling():
             return
         entry = _in_place.held(module, name)
-        if entry is None and fsdp.record(module, name) is not None or entry is not None and entry.group:
-            return
-        _in_place.refresh(module, name)
+        if entry is not None and entry.group is not None:
+            return  # held for FSDP2
+        if entry is None and fsdp.record(module, name) is not None:
+            return  # an FSDP2 parameter nothing holds yet
+        _in_place.refresh(module, name, entry)
 
     def finish(self, module, name, masked=False):
         """Mask the values (unless ``masked``: a fused select did) and keep
@@ -174,10 +176,9 @@ class InPlace:
     def remove(self, module, name, method):
         """The values are pruned already: drop the hooks and the mask."""
         entry = _in_place.held(module, name)
-        if entry is None:  # a copy never run: mask it once
-            _in_place.hold(module, name)
-            entry = _in_place.held(module, name)
-        if entry.group is not None:
+        if entry is None:  # a copy never run: its values are masked once, nothing to release
+            _in_place.mask_once(module, name)
+        elif entry.group is not None:
             fsdp.release(module, name)
         else:
             _in_place.release(module, name)
