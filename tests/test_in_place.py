@@ -28,6 +28,7 @@
   and a tensor keeping the layout of its first prune.
 """
 import copy
+import math
 import os
 import pickle
 import random
@@ -257,6 +258,55 @@ def test_global_l1_in_place(fmt, amount):
             FAST.global_unstructured([(m, "weight") for m in mine], FAST.L1Unstructured, amount=amount)
         for r, m, p in zip(ref, mine, params):
             assert in_place_problems(r, m, "weight", fmt, p) == [], (r, amount)
+
+
+def sorted_prune(scores, live, count, largest):
+    """The reference of prune_in_place_: a stable sort of the live entries'
+    magnitudes over the concatenation; the first ``count`` are pruned."""
+    mag = torch.cat([s.detach().flatten().double().abs() for s in scores])
+    alive = torch.cat([m.flatten() for m in live])
+    key = torch.where(alive, -mag if largest else mag, torch.tensor(INF, dtype=torch.float64))
+    order = torch.sort(key, stable=True).indices[:count]
+    kept = alive.clone()
+    kept[order] = False
+    return [k.view(s.shape) for k, s in zip(kept.split([s.numel() for s in scores]), scores)]
+
+
+SHAPES = [(256, 300), (129, 257), (64, 64), (40,)]  # 114,217 entries: the kernel samples
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("data", ["normal", "sample misleads", "ties"])
+def test_prune_in_place_op_matches_a_sort(fmt, dtype, data):
+    """ops.prune_in_place_ on inputs large enough that a sample brackets the
+    threshold: two rounds (the second over a partly dead live set), smallest
+    and largest, scores apart from the values, against a stable sort. With
+    "sample misleads" every eighth entry of the concatenation, where the
+    evenly spaced sample falls, is far above the rest, so the bracket misses
+    and the kernel must count every bin; with "ties" a few values repeat."""
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    flat = torch.cat([s.flatten() for s in scores])
+    if data == "sample misleads":
+        flat[::8] += 1000.0
+    elif data == "ties":
+        flat = torch.round(flat * 4) / 4
+    scores = [c.view(s).to(dtype) for c, s in zip(flat.split([math.prod(s) for s in SHAPES]), SHAPES)]
+    for largest in (False, True):
+        values = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+        live = [torch.ones(s, dtype=torch.bool) for s in SHAPES]
+        masks = [ops.pack_mask(m) if fmt == "bits" else m.clone() for m in live]
+        for amount in (0.5, 0.3):
+            count = round(amount * sum(int(m.sum()) for m in live))
+            expect = sorted_prune(scores, live, count, largest)
+            before = [v.clone() for v in values]
+            ops.prune_in_place_(values, scores, masks, count, largest=largest)
+            for m, e, v, b in zip(masks, expect, values, before):
+                got = ops.unpack_mask(m, e.shape) if fmt == "bits" else m
+                assert torch.equal(got, e), (largest, amount)
+                assert torch.equal(v, b * e), (largest, amount)
+            live = expect
 
 
 # ----------------------------------------------------------------------------

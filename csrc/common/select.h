@@ -39,20 +39,26 @@ struct KeyOf<float> { using type = uint32_t; static constexpr type kInf = 0x7F80
 template <>
 struct KeyOf<double> { using type = uint64_t; static constexpr type kInf = 0x7FF0000000000000ull; };
 
+// The constants of magnitude_key: the bits of |v| (all but the sign), and
+// the one key every NaN gets, whatever its payload: just above +inf.
+template <typename scalar_t>
+struct MagnitudeBits {
+  using key_t = typename KeyOf<scalar_t>::type;
+  // (cast before shifting: ~ promotes 16-bit keys to int)
+  static constexpr key_t kAbs = static_cast<key_t>(static_cast<key_t>(~key_t{0}) >> 1);
+  static constexpr key_t kNan = KeyOf<scalar_t>::kInf + 1;
+};
+
 // The order-preserving key of |v| (mirrored when `largest`).
 template <typename scalar_t>
 C10_HOST_DEVICE inline typename KeyOf<scalar_t>::type magnitude_key(
     scalar_t v, bool largest) {
-  using key_t = typename KeyOf<scalar_t>::type;
-  // (cast before shifting: ~ promotes 16-bit keys to int)
-  constexpr key_t kAbs = static_cast<key_t>(static_cast<key_t>(~key_t{0}) >> 1);
-  key_t bits;
+  using B = MagnitudeBits<scalar_t>;
+  typename B::key_t bits;
   memcpy(&bits, &v, sizeof(bits));
-  bits &= kAbs;
-  // Every NaN, whatever its payload, gets the one key just above +inf.
-  constexpr key_t kNan = KeyOf<scalar_t>::kInf + 1;
-  bits = bits < kNan ? bits : kNan;
-  return largest ? static_cast<key_t>(kAbs - bits) : bits;
+  bits &= B::kAbs;
+  bits = bits < B::kNan ? bits : B::kNan;
+  return largest ? static_cast<typename B::key_t>(B::kAbs - bits) : bits;
 }
 
 // The radix digits of a key, `Bits` wide, counted from the most significant;
@@ -70,7 +76,7 @@ struct Radix {
   static constexpr int kDigits = (kKeyBits + Bits - 1) / Bits;
 
   // The lowest key bit of digit d.
-  C10_HOST_DEVICE static int shift(int d) {
+  C10_HOST_DEVICE static constexpr int shift(int d) {
     const int s = kKeyBits - Bits * (d + 1);
     return s > 0 ? s : 0;
   }

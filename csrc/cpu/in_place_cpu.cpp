@@ -6,18 +6,24 @@
 // entry's mask bit is cleared and its value set to 0. Nothing the size of a
 // tensor is allocated.
 //
-// Passes: a 65536-bin histogram per 16-bit digit of the keys (one pass for
-// float16/bfloat16, two for float32, four for float64), then the write pass.
-// Work is split into one contiguous chunk of the concatenation per thread,
-// its bounds moved back to a byte of a packed row so that every byte has one
-// writer; each chunk keeps its own histogram, so the last pass's count at the
-// threshold gives each chunk its share of the ties (lower position first).
+// Passes, each over eight entries at a time (one mask byte; lanes.h):
+// a histogram of the keys' first 16-bit digit, then one more per further
+// digit (float32: two in all, float64: four), then the write pass. For
+// large inputs a sample brackets the threshold (bracket_cpu.h), so the first
+// histogram counts the entries below the bracket with vector compares and
+// bins only the few inside it one by one; should the bracket miss, the
+// histogram is taken again over every bin. Work is split into one contiguous
+// chunk of the concatenation per thread, its bounds moved back to a byte of a
+// packed row so that every byte has one writer; each chunk keeps its own
+// histogram, so the last pass's count at the threshold gives each chunk its
+// share of the ties (lower position first).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +31,8 @@
 #include "../common/in_place_operands.h"
 #include "../common/operand.h"
 #include "../common/select.h"
+#include "bracket_cpu.h"
+#include "lanes.h"
 
 namespace fastprune {
 namespace {
@@ -32,10 +40,20 @@ namespace {
 template <typename score_t, bool kLargest>
 class InPlaceSelect {
   using key_t = typename KeyOf<score_t>::type;
+  using skey_t = std::make_signed_t<key_t>;  // lanes compare keys signed (lanes.h)
+  using Keys = Lanes<skey_t>;
   using Digits = Radix<key_t, 16>;
   static constexpr int64_t kBins = Digits::kBins;
-  static constexpr int kWays = 4;  // interleaved counters per bin (see histogram)
-  static constexpr int64_t kBlock = int64_t{1} << 31;  // entries per fold: < 2^32 per way
+  static constexpr int64_t kMinSampled = int64_t{1} << 16;  // fewer entries: no sample
+  static constexpr int64_t kMaxSample = int64_t{1} << 18;
+  static constexpr int64_t kFold = int64_t{1} << 15;  // groups per lane counter (< 2^16 each)
+  static constexpr int64_t kAhead = 1024;             // entries prefetched ahead
+
+  // The first digit's bins [lo, hi] are counted one by one; the entries
+  // below lo are counted in bin lo - 1, those above hi not at all.
+  struct Bracket {
+    uint32_t lo = 0, hi = kBins - 1;
+  };
 
  public:
   explicit InPlaceSelect(std::vector<Target> targets) : targets_(std::move(targets)) {
@@ -50,12 +68,14 @@ class InPlaceSelect {
   // Prunes the `count` live entries of smallest key (ties: lower position).
   void run(int64_t count) {
     if (count == 0) return;
-    histogram(0, 0);
+    const Bracket bracket = sampled(count);
+    first_histogram(bracket);
+    if (!holds(bracket, count)) first_histogram(Bracket{});
     int64_t n = 0;
     for (int64_t b = 0; b < kBins; ++b) n += total_[b];
     TORCH_CHECK_VALUE(count <= n, "prune_in_place_: cannot prune ", count, " entries out of ", n, " live ones");
     const RadixStep<key_t> step = radix_descent<Digits>(total_.data(), count, [&](int d, key_t prefix) {
-      histogram(d, prefix);
+      next_histogram(d, prefix);
       return total_.data();
     });
     write(step.prefix, step.rank, step.bin);
@@ -85,108 +105,189 @@ class InPlaceSelect {
     }
   }
 
-  // Calls cut = f(lane, key, live) for the entries of [b, e) of `t` in order
-  // (lane: the entry's place in its byte, 0 for a bool mask; f cuts live
-  // entries only); with `write`, a cut entry's mask is cleared and its value
-  // set to 0. Bytes of a packed mask with no live entry are skipped whole.
-  template <bool write, typename F>
-  void scan(const Target& t, int64_t b, int64_t e, const F& f) const {
-    const auto* s = static_cast<const score_t*>(t.scores);
-    dispatch_bits("prune_in_place_", t.value_size, [&](auto zero) {
-      using bits_t = decltype(zero);
-      auto* v = static_cast<bits_t*>(t.values);
-      if (t.row == 0) {  // bool
-        auto* m = static_cast<bool*>(t.mask);
-        for (int64_t i = b; i < e; ++i) {
-          const bool live = m[i];
-          const bool cut = f(0, magnitude_key(s[i], kLargest), live);
-          if constexpr (write) {
-            m[i] = live & !cut;
-            v[i] = keep_or_zero(v[i], !cut);
-          }
-        }
-        return;
-      }
-      auto* m = static_cast<uint8_t*>(t.mask);
-      const int64_t n = t.row;
-      // One byte: its `width` entries from i (a constant 8 for whole bytes,
-      // so that loop unrolls).
-      auto byte_at = [&](int64_t at, int64_t i, auto width) {
-        const uint32_t byte = m[at];
-        if (byte == 0) return;
-        uint32_t kept = byte;
-        if (byte == 0xFF && static_cast<int>(width) == 8) {  // all live (a first prune): no test per entry
-          for (int j = 0; j < 8; ++j) {
-            const bool cut = f(j, magnitude_key(s[i + j], kLargest), std::true_type{});
-            kept &= ~(static_cast<uint32_t>(cut) << j);
-            if constexpr (write) v[i + j] = keep_or_zero(v[i + j], !cut);
-          }
-        } else {
-          for (int j = 0; j < static_cast<int>(width); ++j) {
-            const bool live = (byte >> j) & 1;
-            const bool cut = f(j, magnitude_key(s[i + j], kLargest), live);
-            kept &= ~(static_cast<uint32_t>(cut) << j);
-            if constexpr (write) v[i + j] = keep_or_zero(v[i + j], !cut);
-          }
-        }
-        if constexpr (write) m[at] = static_cast<uint8_t>(kept);
-      };
-      int64_t col = b % n, at = (b / n) * packed_row_bytes(n) + col / 8;
-      for (int64_t i = b; i < e; ++at) {
-        const int64_t width = std::min<int64_t>(8, n - col);
-        if (width == 8) {
-          byte_at(at, i, std::integral_constant<int, 8>{});
-        } else {
-          byte_at(at, i, width);
-        }
-        i += width;
-        col += width;
-        if (col == n) col = 0;
-      }
-    });
+  // Whether entry i of t is live.
+  static bool is_live(const Target& t, int64_t i) {
+    if (t.row == 0) return static_cast<const bool*>(t.mask)[i];
+    const int64_t col = i % t.row;
+    const auto* m = static_cast<const uint8_t*>(t.mask);
+    return (m[(i / t.row) * packed_row_bytes(t.row) + col / 8] >> (col % 8)) & 1;
   }
 
-  // Histogram of digit d over the live entries whose higher digits equal
-  // `prefix`, per chunk (kept for the tie split), summed into total_. Each
-  // bin has kWays 32-bit counters, an entry's lane picking one, so a run of
-  // one bin does not serialize on one counter; they are folded into the
-  // chunk's 64-bit counts before they could overflow.
-  void histogram(int d, key_t prefix) {
-    const key_t pmask = Digits::prefix_mask(d);
+  // The bracket of the first digit from a sample of the live entries (every
+  // bin for small inputs).
+  Bracket sampled(int64_t count) const {
+    if (numel_ < kMinSampled) return {};
+    const int64_t s = std::min(kMaxSample, numel_ / 16), step = numel_ / s;
+    std::vector<key_t> keys;
+    keys.reserve(s);
+    int64_t begin = 0;
+    size_t t = 0;
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t at = j * step + step / 2;
+      while (at >= begin + targets_[t].numel) begin += targets_[t++].numel;
+      if (is_live(targets_[t], at - begin)) {
+        keys.push_back(magnitude_key(static_cast<const score_t*>(targets_[t].scores)[at - begin], kLargest));
+      }
+    }
+    if (keys.empty()) return {};
+    const KeyBracket<key_t> b = sampled_bracket(keys, s, numel_, count, -1.0);
+    return {Digits::digit(b.lo, 0), Digits::digit(static_cast<key_t>(b.hi - 1), 0)};
+  }
+
+  // Whether the first digit's threshold bin is inside the bracket, so that
+  // its histogram holds what the descent needs.
+  bool holds(Bracket b, int64_t count) const {
+    const int64_t below = b.lo > 0 ? total_[b.lo - 1] : 0;
+    int64_t inside = 0;
+    for (uint32_t bin = b.lo; bin <= b.hi; ++bin) inside += total_[bin];
+    return below < count && count <= below + inside;
+  }
+
+  // Calls kept = group(s, v, live) for the entries of [b, e) of `t`, eight
+  // at a time: s and v their scores and values, live the bits of those of
+  // them that are live (bit j: entry j), kept the bits to keep live; with
+  // `write` the mask takes `kept` (the group zeroes the values it cuts). A
+  // packed byte of a row's end, or a bool mask's last entries, come as a
+  // padded copy with their lanes past the end dead. Groups with no live entry
+  // are skipped. The group is taken and returned by value, so that its state
+  // stays in registers.
+  template <bool write, typename G>
+  G scan(const Target& t, int64_t b, int64_t e, G group) const {
+    dispatch_bits("prune_in_place_", t.value_size, [&](auto zero) {
+      using bits_t = decltype(zero);
+      G g = group;
+      const auto* const s = static_cast<const score_t*>(t.scores);
+      auto* const v = static_cast<bits_t*>(t.values);
+      auto* const m = static_cast<uint8_t*>(t.mask);
+      // Software prefetch, kAhead entries on: without it the passes wait on
+      // memory (measured: twice as slow on a 2-core Xeon VM).
+      auto ahead = [&](int64_t i) FASTPRUNE_INLINE {
+        __builtin_prefetch(s + i + kAhead);
+        if constexpr (write) __builtin_prefetch(v + i + kAhead, 1);
+      };
+      auto padded = [&](int64_t i, int width, uint32_t live) FASTPRUNE_INLINE {
+        score_t ps[8] = {};
+        bits_t pv[8] = {};
+        std::copy(s + i, s + i + width, ps);
+        std::copy(v + i, v + i + width, pv);
+        const uint32_t kept = g(ps, pv, live & ((1u << width) - 1));
+        if constexpr (write) std::copy(pv, pv + width, v + i);
+        return kept;
+      };
+      if (t.row == 0) {  // bool: any eight entries in a row
+        int64_t i = b;
+        for (; i + 8 <= e; i += 8) {
+          ahead(i);
+          const uint32_t live = bits_of<uint8_t>(lane_mask<uint8_t>(load_lanes<uint8_t>(m + i) != 0));
+          if (live == 0) continue;
+          const uint32_t kept = g(s + i, v + i, live);
+          if constexpr (write) store_lanes<uint8_t>(m + i, lanes_of<uint8_t>(kept) & 1);
+        }
+        const auto width = static_cast<int>(e - i);
+        uint32_t live = 0;
+        for (int j = 0; j < width; ++j) live |= static_cast<uint32_t>(m[i + j] != 0) << j;
+        if (live != 0) {
+          const uint32_t kept = padded(i, width, live);
+          if constexpr (write) {
+            for (int j = 0; j < width; ++j) m[i + j] = (kept >> j) & 1;
+          }
+        }
+      } else {  // packed, row by row: the whole bytes, then a last byte of fewer entries
+        const int64_t n = t.row, bytes = packed_row_bytes(n);
+        for (int64_t row = b / n, col = b % n, i = b; i < e; ++row, col = 0) {
+          uint8_t* const mr = m + row * bytes;
+          const int64_t stop = std::min(n, col + (e - i)), whole = stop / 8 * 8;
+          for (; col < whole; col += 8, i += 8) {
+            ahead(i);
+            if (const uint32_t live = mr[col / 8]) {
+              const uint32_t kept = g(s + i, v + i, live);
+              if constexpr (write) mr[col / 8] = static_cast<uint8_t>(kept);
+            }
+          }
+          if (col < stop) {
+            if (const uint32_t live = mr[col / 8]) {
+              const uint32_t kept = padded(i, static_cast<int>(stop - col), live);
+              if constexpr (write) mr[col / 8] = static_cast<uint8_t>(kept);
+            }
+            i += stop - col;
+          }
+        }
+      }
+      group = g;
+    });
+    return group;
+  }
+
+  // The first digit's histogram over the live entries, per chunk (kept for
+  // the tie split), summed into total_, the bins outside `bracket` lumped as
+  // the Bracket says. Counts below it are kept per lane (a vector add per
+  // group); entries inside are binned one by one.
+  void first_histogram(Bracket bracket) {
+    constexpr int kShift = Digits::shift(0);
+    // (every digit fits its signed lane: a key's sign bit is 0)
+    const Keys lo = splat(static_cast<skey_t>(bracket.lo));
+    const Keys hi = splat(static_cast<skey_t>(std::min<int64_t>(bracket.hi, std::numeric_limits<skey_t>::max())));
+    histogram([lo, hi](int64_t* h, Keys& below, const score_t* s, uint32_t live) FASTPRUNE_INLINE {
+      const Keys digit = magnitude_keys(s, kLargest) >> kShift;
+      const Keys lanes = lanes_of<skey_t>(live);
+      const Keys under = lanes & lane_mask<skey_t>(digit < lo);
+      below -= under;  // + 1 in each lane under
+      for (uint32_t m = bits_of<skey_t>(lanes & ~under & lane_mask<skey_t>(digit <= hi)); m; m &= m - 1) {
+        ++h[digit[__builtin_ctz(m)]];
+      }
+    }, std::max<int64_t>(bracket.lo, 1) - 1);  // (below a bracket from 0: none)
+  }
+
+  // Digit d's histogram (d > 0) over the live entries whose higher digits
+  // equal `prefix`, per chunk, summed into total_.
+  void next_histogram(int d, key_t prefix) {
+    const Keys pmask = splat(static_cast<skey_t>(Digits::prefix_mask(d))), want = splat(static_cast<skey_t>(prefix));
     const int shift = Digits::shift(d);
+    histogram([pmask, want, shift](int64_t* h, Keys&, const score_t* s, uint32_t live) FASTPRUNE_INLINE {
+      const Keys key = magnitude_keys(s, kLargest);
+      const Keys digit = (key >> shift) & static_cast<skey_t>(kBins - 1);
+      for (uint32_t m = bits_of<skey_t>(lanes_of<skey_t>(live) & lane_mask<skey_t>((key & pmask) == want)); m;
+           m &= m - 1) {
+        ++h[digit[__builtin_ctz(m)]];
+      }
+    }, 0);  // (no lane counts)
+  }
+
+  // The group of a histogram pass: bin(h, below, s, live), h the chunk's
+  // counts and `below` lane counters, folded into h[lump] before they could
+  // overflow.
+  template <typename Bin>
+  struct Counting {
+    const Bin* bin;  // (a pointer: a lambda cannot be assigned)
+    int64_t* h;
+    int64_t lump;
+    Keys below{};
+    int64_t groups = 0;
+
+    template <typename V>
+    FASTPRUNE_INLINE uint32_t operator()(const score_t* s, V*, uint32_t live) {
+      (*bin)(h, below, s, live);
+      if (++groups == kFold) fold();
+      return live;
+    }
+    void fold() {
+      for (int j = 0; j < 8; ++j) h[lump] += below[j];
+      below = Keys{};
+      groups = 0;
+    }
+  };
+
+  // Runs the Counting group of `bin` over each chunk, then total_ sums the
+  // chunks.
+  template <typename Bin>
+  void histogram(const Bin& bin, int64_t lump) {
     at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         int64_t* h = hist_.data() + c * kBins;
         std::fill(h, h + kBins, 0);
-        std::vector<uint32_t> ways(kBins * kWays, 0);
-        int64_t pending = 0;
-        auto fold = [&] {
-          for (int64_t bin = 0; bin < kBins; ++bin) {
-            for (int w = 0; w < kWays; ++w) h[bin] += ways[bin * kWays + w];
-          }
-          std::fill(ways.begin(), ways.end(), 0);
-          pending = 0;
-        };
-        for_each_part(c, [&](const Target& t, int64_t b, int64_t e) {
-          for (int64_t start = b; start < e; start += kBlock) {
-            const int64_t stop = std::min(e, start + kBlock);
-            if (pending + (stop - start) > kBlock) fold();
-            pending += stop - start;
-            uint32_t* w = ways.data();
-            if (d == 0) {  // every live entry counts
-              scan<false>(t, start, stop, [w, shift](int lane, key_t key, auto live) {
-                w[((key >> shift) & (kBins - 1)) * kWays + (lane & (kWays - 1))] += live;
-                return false;
-              });
-            } else {
-              scan<false>(t, start, stop, [w, shift, pmask, prefix](int lane, key_t key, auto live) {
-                if ((key & pmask) == prefix) w[((key >> shift) & (kBins - 1)) * kWays + (lane & (kWays - 1))] += live;
-                return false;
-              });
-            }
-          }
-        });
-        fold();
+        Counting<Bin> counting{&bin, h, lump};
+        for_each_part(c, [&](const Target& t, int64_t b, int64_t e) { counting = scan<false>(t, b, e, counting); });
+        counting.fold();
       }
     });
     total_.assign(kBins, 0);
@@ -194,6 +295,32 @@ class InPlaceSelect {
       for (int64_t bin = 0; bin < kBins; ++bin) total_[bin] += hist_[c * kBins + bin];
     }
   }
+
+  // The group of the write pass: cuts the live entries with key <
+  // `threshold` and the first q live ties (lower lanes first), zeroing their
+  // values.
+  struct Cutting {
+    Keys threshold;
+    int64_t q;
+    int64_t rank = 0;  // the ties met so far
+
+    template <typename bits_t>
+    FASTPRUNE_INLINE uint32_t operator()(const score_t* s, bits_t* v, uint32_t live) {
+      const Keys key = magnitude_keys(s, kLargest);
+      const Keys lanes = lanes_of<skey_t>(live);
+      const Keys under = lanes & lane_mask<skey_t>(key < threshold);
+      uint32_t cut = bits_of<skey_t>(under);
+      uint32_t ties = bits_of<skey_t>(lanes & lane_mask<skey_t>(key == threshold));
+      if (C10_UNLIKELY(ties != 0)) {
+        for (; ties != 0 && rank < q; ties &= ties - 1, ++rank) cut |= ties & (0u - ties);
+      } else if constexpr (sizeof(bits_t) == sizeof(skey_t)) {  // the values' lanes are the keys'
+        store_lanes<bits_t>(v, load_lanes<bits_t>(v) & ~lane_mask<bits_t>(under));
+        return live & ~cut;
+      }
+      if (cut != 0) store_lanes<bits_t>(v, load_lanes<bits_t>(v) & ~lanes_of<bits_t>(cut));
+      return live & ~cut;
+    }
+  };
 
   // Prunes every live entry with key < thr and the first `need` with key ==
   // thr (whose last digit is `bin`), each chunk its share of those ties.
@@ -205,16 +332,11 @@ class InPlaceSelect {
       quota[c] = tie_quota(need, before, here);
       before += here;
     }
+    const Keys threshold = splat(static_cast<skey_t>(thr));
     at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        int64_t rank = 0;
-        const int64_t q = quota[c];
-        for_each_part(c, [&](const Target& t, int64_t b, int64_t e) {
-          scan<true>(t, b, e, [&rank, thr, q](int, key_t key, auto live) -> bool {
-            if (C10_UNLIKELY(key == thr)) return live && rank++ < q;  // a live tie: the first q of the chunk go
-            return static_cast<bool>(live & (key < thr));
-          });
-        });
+        Cutting cutting{threshold, quota[c]};
+        for_each_part(c, [&](const Target& t, int64_t b, int64_t e) { cutting = scan<true>(t, b, e, cutting); });
       }
     });
   }

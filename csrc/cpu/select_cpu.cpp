@@ -28,6 +28,7 @@
 #include "../common/operand.h"
 #include "../common/select.h"
 #include "../common/select_operands.h"
+#include "bracket_cpu.h"
 #include "cache_cpu.h"
 
 namespace fastprune {
@@ -56,7 +57,6 @@ class UnstructuredSelect {
   static constexpr int64_t kSmall = 4096;  // run_small up to this many entries
   static constexpr int64_t kBlock = int64_t{1} << 31;  // < 2^32 per way
   static constexpr int64_t kMaxSample = int64_t{1} << 19;
-  static constexpr double kZ = 5.0;  // bracket half-width, in standard deviations
   static constexpr int64_t kLane = 16;
 
   struct Candidate {
@@ -89,7 +89,7 @@ class UnstructuredSelect {
  private:
   // One pass instead of two or more, exact but for speed a bet on a sample:
   // a strided sample of the candidates' keys brackets the threshold key in
-  // [lo, hi) with a wide margin (kZ standard deviations of the sample rank);
+  // [lo, hi) with a wide margin (sampled_bracket, bracket_cpu.h);
   // one pass then prunes every candidate below lo, keeps the others and
   // collects those inside the bracket, and the k - below smallest of these
   // (key, position) are pruned after. Returns false, having written outputs
@@ -98,32 +98,12 @@ class UnstructuredSelect {
   bool run_sampled(int64_t count, double fraction) {
     const int64_t s = std::min(kMaxSample, std::max(numel_ / 128, kSmall));
     std::vector<key_t> sample = sample_keys(s);
-    const auto m = static_cast<int64_t>(sample.size());
-    if (m == 0) return false;
-    const double q = static_cast<double>(m) / s;  // share of candidates
-    const double p = std::clamp(count >= 0 ? count / (q * numel_) : fraction, 0.0, 1.0);
-    // Rank spread: of the sample's quantile, and (a count, not a fraction)
-    // of the candidate total estimated from the sample.
-    double spread = std::sqrt(m * p * (1 - p));
-    if (count >= 0) spread += m * p * std::sqrt((1 - q) / (q * s));
-    const double rank = p * m, margin = kZ * spread + 1;
-    const auto lo_rank = static_cast<int64_t>(std::floor(rank - margin));
-    const auto hi_rank = static_cast<int64_t>(std::ceil(rank + margin));
-    key_t lo = 0, hi = static_cast<key_t>(~key_t{0});  // no entry has key ~0
-    if (lo_rank > 0) {
-      std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
-      lo = sample[lo_rank];
-    }
-    if (hi_rank < m) {
-      std::nth_element(sample.begin() + std::max<int64_t>(lo_rank, 0),
-                       sample.begin() + hi_rank, sample.end());
-      hi = std::max<key_t>(sample[hi_rank], lo + 1);
-    }
-    const key_t width = hi - lo;
+    if (sample.empty()) return false;
+    const KeyBracket<key_t> bracket = sampled_bracket(sample, s, numel_, count, fraction);
+    const key_t lo = bracket.lo, width = bracket.hi - bracket.lo;
     // Room for four times the entries the margin should bring in; more means
     // heavy ties at the bracket, left to the exact passes.
-    const int64_t ranks = std::min(hi_rank, m) - std::max<int64_t>(lo_rank, 0) + 1;
-    const int64_t cap = 4 * ranks * (numel_ / s + 1) + kBins;
+    const int64_t cap = 4 * bracket.ranks * (numel_ / s + 1) + kBins;
 
     std::vector<std::vector<Candidate>> pools(chunks_);
     std::vector<int64_t> below(chunks_), cands(chunks_);

@@ -21,6 +21,7 @@
 
 #include "common/segments.h"
 #include "common/select.h"
+#include "cpu/lanes.h"
 
 namespace fastprune {
 namespace {
@@ -382,6 +383,57 @@ TEST(KeepOrZero, KeepsTheBitsOrGivesAnExactPositiveZero) {
   }
   expect_keep_or_zero<bool>(true);
   expect_keep_or_zero<bool>(false);
+}
+
+// ---------------------------------------------------------------------------
+// csrc/cpu/lanes.h
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void expect_lane_bytes() {
+  for (uint32_t byte = 0; byte < 256; ++byte) {
+    const Lanes<T> m = lanes_of<T>(byte);
+    for (int j = 0; j < 8; ++j) {
+      EXPECT_EQ(m[j], ((byte >> j) & 1) ? static_cast<T>(~T{0}) : T{0}) << "byte " << byte << " lane " << j;
+    }
+    EXPECT_EQ(fastprune::bits_of<T>(m), byte);  // (this file has a bits_of of its own)
+  }
+}
+
+TEST(Lanes, BytesAndLaneMasksRoundTrip) {
+  expect_lane_bytes<uint8_t>();
+  expect_lane_bytes<int16_t>();
+  expect_lane_bytes<uint16_t>();
+  expect_lane_bytes<int32_t>();
+  expect_lane_bytes<uint32_t>();
+  expect_lane_bytes<int64_t>();
+  expect_lane_bytes<uint64_t>();
+}
+
+// Random bit patterns: every sign, zeros, subnormals, infinities, NaN payloads.
+template <typename T>
+void expect_magnitude_keys(std::mt19937_64& rng) {
+  for (int round = 0; round < 2000; ++round) {
+    Key<T> raw[8];
+    for (Key<T>& r : raw) r = static_cast<Key<T>>(rng());
+    if (round == 0) raw[0] = 0, raw[1] = sign_bit<T>(), raw[2] = KeyOf<T>::kInf;
+    T s[8];
+    std::memcpy(s, raw, sizeof(s));
+    for (bool largest : {false, true}) {
+      const auto keys = magnitude_keys(s, largest);
+      for (int j = 0; j < 8; ++j) {
+        EXPECT_EQ(static_cast<Key<T>>(keys[j]), magnitude_key(s[j], largest)) << "bits " << raw[j];
+      }
+    }
+  }
+}
+
+TEST(Lanes, MagnitudeKeysAreMagnitudeKeyPerLane) {
+  std::mt19937_64 rng(11);
+  expect_magnitude_keys<c10::Half>(rng);
+  expect_magnitude_keys<c10::BFloat16>(rng);
+  expect_magnitude_keys<float>(rng);
+  expect_magnitude_keys<double>(rng);
 }
 
 // ---------------------------------------------------------------------------
