@@ -65,9 +65,12 @@ MASK_DTYPES = [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float6
 
 
 def random_mask(shape, dtype, seed):
-    """0/1 values and, for non-bool dtypes, other nonzero values (-2, 0.5 or 3)."""
+    """0/1 values and, for non-bool dtypes, other nonzero values (-2, 0.5 or
+    3); floating ones also -0.0 (zero) and NaN (nonzero)."""
     g = torch.Generator().manual_seed(seed)
     levels = torch.tensor([0.0, 1.0, -2.0, 0.5 if dtype.is_floating_point else 3.0, 0.0])
+    if dtype.is_floating_point:
+        levels = torch.cat([levels, torch.tensor([-0.0, float("nan")])])
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()
     if dtype == torch.uint8:

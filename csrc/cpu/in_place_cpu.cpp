@@ -47,7 +47,6 @@ class InPlaceSelect {
   static constexpr int64_t kMinSampled = int64_t{1} << 16;  // fewer entries: no sample
   static constexpr int64_t kMaxSample = int64_t{1} << 18;
   static constexpr int64_t kFold = int64_t{1} << 15;  // groups per lane counter (< 2^16 each)
-  static constexpr int64_t kAhead = 1024;             // entries prefetched ahead
 
   // The first digit's bins [lo, hi] are counted one by one; the entries
   // below lo are counted in bin lo - 1, those above hi not at all.
@@ -159,11 +158,9 @@ class InPlaceSelect {
       const auto* const s = static_cast<const score_t*>(t.scores);
       auto* const v = static_cast<bits_t*>(t.values);
       auto* const m = static_cast<uint8_t*>(t.mask);
-      // Software prefetch, kAhead entries on: without it the passes wait on
-      // memory (measured: twice as slow on a 2-core Xeon VM).
       auto ahead = [&](int64_t i) FASTPRUNE_INLINE {
-        __builtin_prefetch(s + i + kAhead);
-        if constexpr (write) __builtin_prefetch(v + i + kAhead, 1);
+        prefetch_ahead(s + i);
+        if constexpr (write) prefetch_ahead<true>(v + i);
       };
       auto padded = [&](int64_t i, int width, uint32_t live) FASTPRUNE_INLINE {
         score_t ps[8] = {};

@@ -4,7 +4,8 @@
 // no runtime dispatch; one intrinsic (bits_of on SSE2) where the portable
 // form is slow. A lane mask is a vector whose lanes are all ones or all
 // zeros, as vector comparisons give; bits_of and lanes_of convert between it
-// and the byte.
+// and the byte. Also here: the software prefetch of the CPU's streaming
+// passes.
 #pragma once
 
 // GCC notes that passing these vectors by value changes the ABI without
@@ -25,6 +26,17 @@
 #include "../common/select.h"
 
 namespace fastprune {
+
+// Prefetches the entry kPrefetchAhead on from p (for a write: `write`).
+// The streaming passes over weights and masks call it once per step: on the
+// 2-core Xeon VM we measure on, the hardware prefetcher leaves a pass that
+// reads 16 bytes per step waiting on memory, twice as slow.
+constexpr int64_t kPrefetchAhead = 1024;
+
+template <bool write = false, typename T>
+inline void prefetch_ahead(const T* p) {
+  __builtin_prefetch(p + kPrefetchAhead, write ? 1 : 0);
+}
 
 // On a lambda called once per group of eight: inlined into its loop.
 #define FASTPRUNE_INLINE __attribute__((always_inline))
