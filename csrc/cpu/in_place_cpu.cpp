@@ -305,15 +305,9 @@ class InPlaceSelect {
     FASTPRUNE_INLINE uint32_t operator()(const score_t* s, bits_t* v, uint32_t live) {
       const Keys key = magnitude_keys(s, kLargest);
       const Keys lanes = lanes_of<skey_t>(live);
-      const Keys under = lanes & lane_mask<skey_t>(key < threshold);
-      uint32_t cut = bits_of<skey_t>(under);
+      uint32_t cut = bits_of<skey_t>(lanes & lane_mask<skey_t>(key < threshold));
       uint32_t ties = bits_of<skey_t>(lanes & lane_mask<skey_t>(key == threshold));
-      if (C10_UNLIKELY(ties != 0)) {
-        for (; ties != 0 && rank < q; ties &= ties - 1, ++rank) cut |= ties & (0u - ties);
-      } else if constexpr (sizeof(bits_t) == sizeof(skey_t)) {  // the values' lanes are the keys'
-        store_lanes<bits_t>(v, load_lanes<bits_t>(v) & ~lane_mask<bits_t>(under));
-        return live & ~cut;
-      }
+      for (; C10_UNLIKELY(ties != 0) && rank < q; ties &= ties - 1, ++rank) cut |= ties & (0u - ties);
       if (cut != 0) store_lanes<bits_t>(v, load_lanes<bits_t>(v) & ~lanes_of<bits_t>(cut));
       return live & ~cut;
     }
