@@ -176,12 +176,17 @@ class SegmentedSelect {
     const int64_t rank = k - b.below;  // 1-based, inside the bin
     std::nth_element(pool.begin(), pool.begin() + (rank - 1), pool.end());
     const Candidate thr = pool[rank - 1];
-    for (int64_t i = 0; i < n; ++i) {
-      const bits_t v = mask_at(base + i);
-      const key_t key = magnitude_key(sc[i], false);
-      const bool cut = is_live(v) & ((key < thr.key) | ((key == thr.key) & (i <= thr.pos)));
-      out[i] = keep_or_zero(v, !cut);
-    }
+    // A live entry goes when (key, position) ranks at or below the threshold
+    // pair: up to its position when key <= the threshold's, after it when
+    // key < it. Two loops with no position compare, which vectorize.
+    auto write = [&](int64_t from, int64_t to, key_t below) {
+      for (int64_t i = from; i < to; ++i) {
+        const bits_t v = mask_at(base + i);
+        out[i] = keep_or_zero(v, !(is_live(v) & (magnitude_key(sc[i], false) < below)));
+      }
+    };
+    write(0, thr.pos + 1, thr.key + 1);  // (the key of a live entry is below ~0)
+    write(thr.pos + 1, n, thr.key);
     return true;
   }
 
