@@ -192,14 +192,17 @@ C10_HOST_DEVICE inline int64_t tie_window_end(int64_t skip, int64_t take) {
   return take > kMax - skip ? kMax : skip + take;
 }
 
+// The unsigned integer of T's size: T's raw bits.
+template <typename T>
+using BitsOf = std::conditional_t<
+    sizeof(T) == 1, uint8_t,
+    std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+
 // `v` if keep, else an exact +0 of its type; branch-free (a bit mask on the
 // raw representation), so unpredictable keep/prune patterns cost nothing.
 template <typename T>
 C10_HOST_DEVICE inline T keep_or_zero(T v, bool keep) {
-  using U = std::conditional_t<
-      sizeof(T) == 1, uint8_t,
-      std::conditional_t<sizeof(T) == 2, uint16_t,
-                         std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+  using U = BitsOf<T>;
   static_assert(sizeof(T) == sizeof(U), "keep_or_zero: unsupported mask type");
   U bits;
   memcpy(&bits, &v, sizeof(bits));

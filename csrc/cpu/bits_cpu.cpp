@@ -27,9 +27,7 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask) {
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, m.scalar_type(), "pack_mask", [&] {
     const scalar_t* x = m.const_data_ptr<scalar_t>();
     // An entry is nonzero when its bits are, but for a float's sign (-0.0 == 0).
-    using bits_t = std::conditional_t<sizeof(scalar_t) == 1, uint8_t,
-                   std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
-                   std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>>;
+    using bits_t = BitsOf<scalar_t>;
     constexpr bool kFloat = std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, c10::Half> ||
                             std::is_same_v<scalar_t, c10::BFloat16>;
     constexpr auto kValue = static_cast<bits_t>(kFloat ? static_cast<bits_t>(~bits_t{0}) >> 1 : ~bits_t{0});
