@@ -43,7 +43,7 @@ from torch.testing import assert_close
 
 import fastprune
 import fastprune.prune as FAST
-from conftest import assert_same_snapshot, hook_summary, snapshot
+from conftest import assert_same_snapshot, hook_summary, select_oracle, snapshot
 from fastprune import ops
 from in_place_util import in_place_problems, pack_reference, packed_shape, unpack_reference
 
@@ -264,14 +264,11 @@ def test_global_l1_in_place(fmt, amount):
 
 
 def sorted_prune(scores, live, count, largest):
-    """The reference of prune_in_place_: a stable sort of the live entries'
-    magnitudes over the concatenation; the first ``count`` are pruned."""
-    mag = torch.cat([s.detach().flatten().double().abs() for s in scores])
-    alive = torch.cat([m.flatten() for m in live])
-    key = torch.where(alive, -mag if largest else mag, torch.tensor(INF, dtype=torch.float64))
-    order = torch.sort(key, stable=True).indices[:count]
-    kept = alive.clone()
-    kept[order] = False
+    """The reference of prune_in_place_: conftest's stable-sort select_oracle
+    over the concatenation, the live entries as candidates."""
+    flat = torch.cat([s.detach().flatten() for s in scores])
+    alive = torch.cat([m.flatten() for m in live]).to(torch.float64)
+    kept = select_oracle(flat, alive, count=count, only_ones=True, largest=largest) == 1
     return [k.view(s.shape) for k, s in zip(kept.split([s.numel() for s in scores]), scores)]
 
 
